@@ -1,0 +1,121 @@
+"""Per-sample gradients of the cross-entropy with respect to the block gates: the m×N matrix A.
+
+One forward and one backward per batch: the gates get one value per sample (shape ``[batch, N]``, all ones), each
+sample's loss depends only on its own row, so the gradient of the *sum* of per-sample losses with respect to the gate
+tensor is, row by row, every sample's own gradient. Weights are frozen: no weight gradient is computed or stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import CalibrationSet
+from .errors import BlockCBOError
+from .gates import BlockGates
+
+
+logger = logging.getLogger(__name__)
+
+
+def per_sample_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of each sample over its real (unpadded) target tokens, shape ``[batch]``."""
+    targets = input_ids[:, 1:]
+    valid = (attention_mask[:, 1:] * attention_mask[:, :-1]).to(torch.float32)
+    token_loss = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none"
+    ).view(targets.shape)
+    counts = valid.sum(dim=1)
+    if bool((counts == 0).any()):
+        raise BlockCBOError("a calibration sample has no target token (fewer than 2 real tokens); drop it")
+    return (token_loss * valid).sum(dim=1) / counts
+
+
+@contextlib.contextmanager
+def frozen_eval(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no weight gradients for the duration; both restored afterwards."""
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def gate_gradients_for_batch(
+    model: nn.Module, gates: BlockGates, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient rows ``[batch, N]`` (float32) and per-sample losses ``[batch]`` for one batch, in one backward."""
+    device = _model_device(model)
+    input_ids = input_ids.to(device)
+    attention_mask = attention_mask.to(device)
+    alpha = torch.ones(input_ids.shape[0], gates.num_blocks, dtype=torch.float32, device=device, requires_grad=True)
+    gates.set(alpha)
+    try:
+        with torch.enable_grad():
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            losses = per_sample_loss(logits, input_ids, attention_mask)
+            del logits
+            losses.sum().backward()
+    finally:
+        gates.set(None)
+    return alpha.grad.detach().float(), losses.detach().float()
+
+
+def _check_finite(rows: torch.Tensor, start: int, block_names: list[str]) -> None:
+    bad = ~torch.isfinite(rows)
+    if bool(bad.any()):
+        sample, block = (int(v) for v in bad.nonzero()[0])
+        raise BlockCBOError(
+            f"non-finite gradient for sample {start + sample} at block {block} ({block_names[block]}); "
+            "check the model dtype (try float32) and the data (empty or corrupted samples)"
+        )
+
+
+def compute_gate_gradients(
+    model: nn.Module,
+    calibration: CalibrationSet,
+    batch_size: int = 8,
+    gate: str = "auto",
+    progress: bool = True,
+    block_names: list[str] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample gate gradients A (``[m, N]`` float32) and per-sample losses at α = 1 (``[m]``).
+
+    Args:
+        model (`nn.Module`): a transformers causal LM; its weights are left untouched.
+        calibration (`CalibrationSet`): tokenised samples.
+        batch_size (`int`, defaults to 8): samples per forward/backward.
+        gate (`str`, defaults to `"auto"`): gate kind, see :class:`~hf_blockcbo.gates.BlockGates`.
+    """
+    if len(calibration) == 0:
+        raise BlockCBOError("the calibration set is empty; give at least one sample")
+    if batch_size <= 0:
+        raise BlockCBOError(f"--batch-size must be positive, got {batch_size}")
+    rows, losses = [], []
+    with frozen_eval(model), BlockGates(model, gate=gate) as gates:
+        names = block_names or [f"block {i}" for i in range(gates.num_blocks)]
+        bar = tqdm(total=len(calibration), desc="Hessian pass", unit="sample", disable=not progress)
+        for start, ids, mask in calibration.batches(batch_size):
+            grad, loss = gate_gradients_for_batch(model, gates, ids, mask)
+            _check_finite(grad, start, names)
+            rows.append(grad.cpu())
+            losses.append(loss.cpu())
+            bar.update(ids.shape[0])
+        bar.close()
+    return torch.cat(rows), torch.cat(losses)

@@ -1,0 +1,1 @@
+"""Command-line faces of the verbs, optimum-cli style: one class per command, heavy imports inside `run()`."""

@@ -1,0 +1,48 @@
+"""`hf-blockcbo` entry point: `hf-blockcbo {calibrate,solve,prune} ...` (also `python -m hf_blockcbo.commands.cli`)."""
+
+from __future__ import annotations
+
+import sys
+from argparse import ArgumentParser
+
+from .base import BaseCommand
+from .calibrate import CalibrateCommand
+from .prune import PruneCommand
+from .solve import SolveCommand
+
+
+COMMANDS: list[type[BaseCommand]] = [CalibrateCommand, SolveCommand, PruneCommand]
+
+
+def build_parser(prog: str = "hf-blockcbo") -> ArgumentParser:
+    parser = ArgumentParser(
+        prog=prog, description="Remove transformer blocks chosen by constrained binary optimization."
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command in COMMANDS:
+        sub = subparsers.add_parser(command.COMMAND.name, help=command.COMMAND.help, description=command.COMMAND.help)
+        command.parse_args(sub)
+        sub.set_defaults(command_class=command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "command_class", None) is None:
+        parser.print_help()
+        return 2
+    from ..errors import BlockCBOError
+
+    try:
+        return args.command_class(args).run()
+    except BlockCBOError as err:
+        print(f"hf-blockcbo {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"hf-blockcbo {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""`hf-blockcbo solve`: the K lowest-energy removal sets from a Hessian artifact."""
+
+from __future__ import annotations
+
+from argparse import ArgumentParser
+
+from .base import BaseCommand, CommandInfo, add_solver_args
+
+
+class SolveCommand(BaseCommand):
+    COMMAND = CommandInfo(name="solve", help="find the K lowest-energy sets of blocks to remove")
+
+    @staticmethod
+    def parse_args(parser: ArgumentParser) -> None:
+        parser.add_argument("--hessian", required=True, help="artifact written by `hf-blockcbo calibrate`")
+        parser.add_argument("--config", help="a BlockRemovalConfig JSON/YAML file; flags override its values")
+        add_solver_args(parser, remove_required=False)
+        parser.add_argument("--output", help="candidates JSON (list of {rank, blocks, energy})")
+
+    def run(self) -> int:
+        from ..hessian import HessianArtifact
+        from ..pipeline import solve_artifact, write_candidates
+
+        config = self.config()
+        artifact = HessianArtifact.load(self.args.hessian)
+        result = solve_artifact(artifact, config)
+        if self.args.output:
+            write_candidates(result, self.args.output)
+        status = "certified exact" if result.certified else "not certified (heuristic)"
+        print(f"{len(result.candidates)} states by {result.method} in {result.seconds:.2f} s, {status}")
+        for c in result.candidates[: min(10, len(result.candidates))]:
+            print(f"  rank {c.rank:>3}  energy {c.energy:.6g}  blocks {list(c.blocks)}")
+        return 0

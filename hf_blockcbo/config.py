@@ -1,0 +1,111 @@
+"""`BlockRemovalConfig`: one object for every setting of a block-removal run, shared by the CLI and the Python API."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import BlockCBOError
+from .io_utils import write_json_atomic
+
+
+CONFIG_NAME = "block_removal_config.json"
+
+
+@dataclass
+class BlockRemovalConfig:
+    """Settings of a block-removal run: which model, which calibration data, which solver, which blocks.
+
+    ```python
+    config = BlockRemovalConfig(num_remove=6, num_samples=64)
+    config.save_pretrained("run/")
+    BlockRemovalConfig.from_pretrained("run/")
+    ```
+    """
+
+    model: str | None = field(
+        default=None, metadata={"help": "Hub id, local folder or .gguf file; None: embedded SmolLM2."}
+    )
+    revision: str | None = field(default=None, metadata={"help": "Hub revision of the model."})
+    dtype: str = field(default="auto", metadata={"help": "Model dtype: auto, float32, bfloat16 or float16."})
+    data: str | None = field(
+        default=None, metadata={"help": "Calibration data: .txt, .jsonl, datasets id; None: embedded."}
+    )
+    num_samples: int = field(default=128, metadata={"help": "Calibration samples (the paper uses 2048)."})
+    seq_len: int = field(default=256, metadata={"help": "Tokens per calibration sample."})
+    batch_size: int = field(default=8, metadata={"help": "Samples per forward/backward in the Hessian pass."})
+    packing: str = field(default="auto", metadata={"help": "pack, truncate, or auto (truncate chat, pack text)."})
+    gate: str = field(default="auto", metadata={"help": "Gate kind: branch (paper Eq. 1-2), layer, or auto."})
+    beta: float = field(default=0.0, metadata={"help": "Weight of the first-order term (paper: 0)."})
+    num_remove: int | None = field(default=None, metadata={"help": "M, the number of blocks to remove."})
+    top_k: int = field(default=10, metadata={"help": "Number of lowest-energy states to return."})
+    method: str = field(default="auto", metadata={"help": "Solver: auto, exact or tabu."})
+    protected: list[int] = field(default_factory=list, metadata={"help": "Blocks that are never removed."})
+    seed: int = field(default=0, metadata={"help": "Seed of the stochastic solvers."})
+    time_limit: float | None = field(default=None, metadata={"help": "Solver time limit in seconds."})
+    rank: int = field(default=0, metadata={"help": "Which state of the spectrum to remove (0 = ground state)."})
+    blocks: list[int] | None = field(default=None, metadata={"help": "Explicit blocks to remove (skips the solver)."})
+
+    def __post_init__(self) -> None:
+        for name in ("num_samples", "seq_len", "batch_size", "top_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise BlockCBOError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_remove is not None and (not isinstance(self.num_remove, int) or self.num_remove <= 0):
+            raise BlockCBOError(f"num_remove must be a positive integer, got {self.num_remove!r}")
+        if self.rank < 0:
+            raise BlockCBOError(f"rank must be >= 0, got {self.rank!r}")
+        if self.rank >= self.top_k:
+            raise BlockCBOError(
+                f"rank {self.rank} is outside the top-{self.top_k} spectrum; raise top_k above {self.rank}"
+            )
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise BlockCBOError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.time_limit is not None and self.time_limit <= 0:
+            raise BlockCBOError(f"time_limit must be positive, got {self.time_limit!r}")
+        self.protected = sorted({int(p) for p in self.protected})
+        if self.blocks is not None:
+            self.blocks = sorted({int(b) for b in self.blocks})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> BlockRemovalConfig:
+        """A copy with ``changes`` applied (`None` values are ignored, so CLI flags left unset keep the file's value)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @classmethod
+    def from_dict(cls, values: dict) -> BlockRemovalConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known - {"package_version"})
+        if unknown:
+            raise BlockCBOError(f"unknown BlockRemovalConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> BlockRemovalConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise BlockCBOError(f"no config file at {str(path)!r}")
+        text = path.read_text(encoding="utf-8")
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        else:
+            values = json.loads(text)
+        return cls.from_dict(values)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        from . import __version__
+
+        path = Path(directory) / CONFIG_NAME
+        write_json_atomic(path, {**self.to_dict(), "package_version": __version__})
+        return path
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> BlockRemovalConfig:
+        return cls.from_file(Path(directory) / CONFIG_NAME)

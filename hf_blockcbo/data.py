@@ -1,0 +1,215 @@
+"""Calibration data: text files, JSONL (`text` or chat `messages`), `datasets` datasets, or the embedded sample.
+
+Everything becomes a :class:`CalibrationSet`: token ids ``[m, seq_len]`` with an attention mask (right padding).
+Plain text is *packed* (documents joined with EOS and cut into full windows); records are *truncated* (one sample
+per record, padded) unless ``packing`` says otherwise. Chat records are rendered with the tokenizer's chat template.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .errors import BlockCBOError
+
+
+EMBEDDED = "embedded"
+EMBEDDED_DESCRIPTION = (
+    "Jane Austen, Pride and Prejudice (1813; public domain), paragraphs reflowed from the text in the CRAN package "
+    "janeaustenr (MIT), first 80% of paragraphs = calibration split, last 20% = validation split"
+)
+_EMBEDDED_FILE = "pride_and_prejudice.txt.gz"
+_VALIDATION_FRACTION = 0.2
+
+
+def embedded_documents(split: str = "calibration") -> list[str]:
+    """Paragraphs of the embedded public-domain sample; ``split`` is `"calibration"` or `"validation"` (disjoint)."""
+    with resources.files("hf_blockcbo.resources").joinpath(_EMBEDDED_FILE).open("rb") as raw:
+        text = gzip.decompress(raw.read()).decode("utf-8")
+    paragraphs = [p for p in text.split("\n\n") if p.strip()]
+    cut = int(len(paragraphs) * (1 - _VALIDATION_FRACTION))
+    if split == "calibration":
+        return paragraphs[:cut]
+    if split == "validation":
+        return paragraphs[cut:]
+    raise BlockCBOError(f"unknown split {split!r} of the embedded sample; use 'calibration' or 'validation'")
+
+
+@dataclass
+class CalibrationSet:
+    """Tokenised calibration samples.
+
+    Args:
+        input_ids (`torch.LongTensor` of shape `[m, seq_len]`)
+        attention_mask (`torch.LongTensor` of shape `[m, seq_len]`): 1 on real tokens, 0 on right padding.
+        source (`str`): where the samples came from (path, dataset id or `"embedded"`).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    source: str
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.input_ids.shape[1]
+
+    @property
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        digest.update(self.input_ids.to(torch.int64).numpy().tobytes())
+        digest.update(self.attention_mask.to(torch.int64).numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def batches(self, batch_size: int):
+        """Yield `(start_index, input_ids, attention_mask)` in sample order."""
+        for start in range(0, len(self), batch_size):
+            yield start, self.input_ids[start : start + batch_size], self.attention_mask[start : start + batch_size]
+
+
+# -- reading records ----------------------------------------------------------------------------------------------
+def _read_jsonl(path: Path) -> list[dict]:
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        text = handle.read()
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        return json.loads(text)
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise BlockCBOError(
+                f"{path}:{line_no} is not valid JSON ({err.msg}); expected one JSON object per line"
+            ) from err
+    return records
+
+
+def _records_from_dataset(source: str, split: str) -> list[dict]:
+    try:
+        import datasets
+    except ImportError as err:
+        raise BlockCBOError(
+            f"{source!r} is not a file; to read a `datasets` dataset install it (pip install datasets)"
+        ) from err
+    if Path(source).is_dir():
+        loaded = datasets.load_from_disk(source)
+        if isinstance(loaded, datasets.DatasetDict):
+            loaded = loaded[split]
+    else:
+        loaded = datasets.load_dataset(source, split=split)
+    return list(loaded)
+
+
+def load_records(source: str | None, split: str = "train") -> tuple[list[dict], str]:
+    """Records `{"text": ...}` or `{"messages": [...]}` and a description of where they came from."""
+    if source is None or source == EMBEDDED:
+        return [{"text": p} for p in embedded_documents("calibration")], EMBEDDED
+    path = Path(source)
+    if path.is_file():
+        if path.suffix in (".jsonl", ".json"):
+            records = _read_jsonl(path)
+        else:
+            records = [{"text": path.read_text(encoding="utf-8")}]
+    else:
+        records = _records_from_dataset(source, split)
+    if not records:
+        raise BlockCBOError(f"the calibration data {source!r} holds no records")
+    return records, str(source)
+
+
+def _render(record: dict, tokenizer) -> str:
+    if "messages" in record:
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise BlockCBOError("chat records need a tokenizer with a chat template; this tokenizer has none")
+        return tokenizer.apply_chat_template(record["messages"], tokenize=False)
+    if "text" in record:
+        return record["text"]
+    raise BlockCBOError(f"a record has neither 'text' nor 'messages' (keys: {sorted(record)})")
+
+
+# -- tokenising ---------------------------------------------------------------------------------------------------
+def _pack(texts: list[str], tokenizer, num_samples: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    stream: list[int] = []
+    needed = num_samples * seq_len
+    for text in texts:
+        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + separator)
+        if len(stream) >= needed:
+            break
+    available = len(stream) // seq_len
+    if available < num_samples:
+        raise BlockCBOError(
+            f"the calibration data holds {len(stream)} tokens: {available} samples of {seq_len} tokens, "
+            f"but {num_samples} were asked for; give more text or lower --num-samples / --seq-len"
+        )
+    ids = torch.tensor(stream[:needed], dtype=torch.long).view(num_samples, seq_len)
+    return ids, torch.ones_like(ids)
+
+
+def _truncate(texts: list[str], tokenizer, num_samples: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    rows = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:seq_len]
+        if len(ids) >= 2:  # one predicted token at least
+            rows.append(ids)
+        if len(rows) == num_samples:
+            break
+    if len(rows) < num_samples:
+        raise BlockCBOError(
+            f"the calibration data holds {len(rows)} usable records (2+ tokens each) but {num_samples} were asked "
+            "for; give more records or lower --num-samples"
+        )
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((num_samples, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((num_samples, width), dtype=torch.long)
+    for i, ids in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention_mask[i, : len(ids)] = 1
+    return input_ids, attention_mask
+
+
+def build_calibration_set(
+    tokenizer,
+    source: str | None = None,
+    num_samples: int = 128,
+    seq_len: int = 256,
+    packing: str = "auto",
+    split: str = "train",
+) -> CalibrationSet:
+    """Tokenise calibration data into `num_samples` samples of at most `seq_len` tokens.
+
+    Args:
+        tokenizer: the model's tokenizer.
+        source (`str`, *optional*): a `.txt` file, a `.jsonl`/`.json` file of `text` or `messages` records, a saved
+            `datasets` folder or Hub dataset id, or `None`/`"embedded"` for the packaged public-domain sample.
+        num_samples (`int`, defaults to 128): samples to produce.
+        seq_len (`int`, defaults to 256): tokens per sample.
+        packing (`str`, defaults to `"auto"`): `"pack"` (join and cut into full windows), `"truncate"` (one sample
+            per record), or `"auto"` (truncate chat records, pack text).
+    """
+    if num_samples <= 0:
+        raise BlockCBOError(f"--num-samples must be positive, got {num_samples}")
+    if seq_len < 2:
+        raise BlockCBOError(f"--seq-len must be at least 2, got {seq_len}")
+    if packing not in ("auto", "pack", "truncate"):
+        raise BlockCBOError(f"unknown packing {packing!r}; choose auto, pack or truncate")
+    records, description = load_records(source, split)
+    texts = [t for t in (_render(r, tokenizer) for r in records) if t.strip()]
+    if not texts:
+        raise BlockCBOError(f"the calibration data {description!r} holds only empty texts")
+    if packing == "auto":
+        packing = "truncate" if any("messages" in r for r in records) else "pack"
+    build = _pack if packing == "pack" else _truncate
+    input_ids, attention_mask = build(texts, tokenizer, num_samples, seq_len)
+    return CalibrationSet(input_ids=input_ids, attention_mask=attention_mask, source=description)

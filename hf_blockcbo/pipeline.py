@@ -1,0 +1,159 @@
+"""The verbs: calibrate → solve → remove, each a plain function over one `BlockRemovalConfig`.
+
+The CLI commands (and later the Python API, callback and Space) are thin faces over these functions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from .architectures import count_parameters, describe_blocks, get_architecture
+from .calibration import compute_gate_gradients
+from .config import BlockRemovalConfig
+from .data import build_calibration_set
+from .errors import BlockCBOError
+from .gates import resolve_gate_kind
+from .hessian import HessianArtifact
+from .models import ModelSource
+from .removal import remove_blocks, save_pruned
+from .solvers import SolveResult, solve
+
+
+logger = logging.getLogger(__name__)
+
+
+def calibrate(
+    model: nn.Module, tokenizer, config: BlockRemovalConfig, source: ModelSource, progress: bool = True
+) -> HessianArtifact:
+    """Run the Hessian pass of ``config`` over ``model`` and return the artifact."""
+    from . import __version__
+
+    spec = get_architecture(model)
+    gate = resolve_gate_kind(spec, config.gate)
+    blocks = describe_blocks(model, spec)
+    calibration = build_calibration_set(
+        tokenizer, config.data, num_samples=config.num_samples, seq_len=config.seq_len, packing=config.packing
+    )
+    start = time.perf_counter()
+    A, losses = compute_gate_gradients(
+        model,
+        calibration,
+        batch_size=config.batch_size,
+        gate=gate,
+        progress=progress,
+        block_names=[b.name for b in blocks],
+    )
+    seconds = time.perf_counter() - start
+    return HessianArtifact(
+        A=A,
+        block_names=[b.name for b in blocks],
+        block_kinds=[b.kind for b in blocks],
+        block_num_parameters=[b.num_parameters for b in blocks],
+        losses=losses,
+        metadata={
+            "model": source.model_id,
+            "revision": source.revision or "",
+            "base_model": source.base_model or "",
+            "architecture": spec.name,
+            "dataset": calibration.source,
+            "data_fingerprint": calibration.fingerprint,
+            "num_samples": str(len(calibration)),
+            "seq_len": str(calibration.seq_len),
+            "gate": gate,
+            "num_parameters": str(count_parameters(model)),
+            "seconds": f"{seconds:.3f}",
+            "package_version": __version__,
+        },
+    )
+
+
+def solve_artifact(artifact: HessianArtifact, config: BlockRemovalConfig) -> SolveResult:
+    """The ``config.top_k`` lowest states for removing ``config.num_remove`` blocks."""
+    if config.num_remove is None:
+        raise BlockCBOError("say how many blocks to remove (--remove K)")
+    if config.num_remove >= artifact.num_blocks:
+        raise BlockCBOError(
+            f"cannot remove {config.num_remove} of {artifact.num_blocks} blocks; choose K in 1..{artifact.num_blocks - 1}"
+        )
+    Q = artifact.energy_matrix(config.beta).numpy()
+    return solve(
+        Q,
+        config.num_remove,
+        top_k=config.top_k,
+        method=config.method,
+        protected=config.protected,
+        seed=config.seed,
+        time_limit=config.time_limit,
+    )
+
+
+def write_candidates(result: SolveResult, path: str | os.PathLike) -> None:
+    """JSON list of ``{"rank", "blocks", "energy"}`` sorted by energy, written atomically."""
+    from .io_utils import atomic_file
+
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps([c.to_dict() for c in result.candidates], indent=2) + "\n", encoding="utf-8")
+
+
+def read_candidates(path: str | os.PathLike) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise BlockCBOError(f"no candidates file at {str(path)!r}; run `hf-blockcbo solve --output ...` first")
+    rows = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "blocks" in r for r in rows):
+        raise BlockCBOError(f"{str(path)!r} is not a candidates file (a JSON list of {{rank, blocks, energy}})")
+    return sorted(rows, key=lambda r: r.get("rank", 0))
+
+
+@dataclass
+class Selection:
+    """The blocks chosen for removal and how they were chosen."""
+
+    blocks: list[int]
+    how: str
+    energy: float | None = None
+    rank: int | None = None
+    solver: dict | None = None
+
+
+def prune_and_save(
+    model: nn.Module,
+    tokenizer,
+    selection: Selection,
+    output_dir: str | os.PathLike,
+    source: ModelSource,
+    config: BlockRemovalConfig,
+    artifact: HessianArtifact | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Remove ``selection.blocks`` from ``model``, save the plain checkpoint with its provenance; return the summary."""
+    from . import __version__
+
+    num_blocks_before = len(describe_blocks(model))
+    params_before = count_parameters(model)
+    remove_blocks(model, selection.blocks)
+    summary = {
+        "package": "hf_blockcbo",
+        "package_version": __version__,
+        **source.to_dict(),
+        "removed_blocks": list(selection.blocks),
+        "selection": selection.how,
+        "energy": selection.energy,
+        "rank": selection.rank,
+        "solver": selection.solver,
+        "num_blocks_before": num_blocks_before,
+        "num_blocks_after": num_blocks_before - len(selection.blocks),
+        "num_parameters_before": params_before,
+        "num_parameters_after": count_parameters(model),
+        "config": config.to_dict(),
+        "calibration": {k: v for k, v in (artifact.metadata.items() if artifact else [])},
+    }
+    save_pruned(model, tokenizer, output_dir, summary, overwrite=overwrite)
+    return summary

@@ -1,0 +1,175 @@
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from hf_blockcbo.commands.cli import main
+from hf_blockcbo.hessian import HessianArtifact
+
+from .conftest import run_plain_transformers
+
+
+COMMON = ["--num-samples", "6", "--seq-len", "24", "--batch-size", "4", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def artifact_path(tiny_model_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("art") / "h.safetensors"
+    assert main(["calibrate", "--model", str(tiny_model_dir), *COMMON, "--output", str(path)]) == 0
+    return path
+
+
+def test_help_is_instant():
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "hf_blockcbo.commands.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "calibrate" in out.stdout and "prune" in out.stdout
+    assert time.perf_counter() - start < 5
+    check = "import sys, hf_blockcbo.commands.cli; print('torch' in sys.modules)"
+    heavy = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert heavy.stdout.strip() == "False", "parsing the CLI must not import torch"
+
+
+def test_calibrate_writes_the_artifact(artifact_path, tiny_model_dir):
+    art = HessianArtifact.load(artifact_path)
+    assert art.A.shape == (6, 6)
+    assert art.metadata["model"] == str(tiny_model_dir) and art.metadata["seq_len"] == "24"
+    assert art.metadata["dataset"] == "embedded" and art.metadata["gate"] == "branch"
+    assert art.block_names[0] == "model.layers.0" and art.block_kinds == ["attention"] * 6
+
+
+def test_solve_writes_sorted_candidates(artifact_path, tmp_path, capsys):
+    out = tmp_path / "candidates.json"
+    assert main(["solve", "--hessian", str(artifact_path), "--remove", "2", "--top-k", "5", "--output", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["rank"] for r in rows] == list(range(5))
+    assert [r["energy"] for r in rows] == sorted(r["energy"] for r in rows)
+    assert all(len(r["blocks"]) == 2 for r in rows) and len({tuple(r["blocks"]) for r in rows}) == 5
+    assert "certified exact" in capsys.readouterr().out
+
+
+def test_prune_from_candidates_and_reload(artifact_path, tiny_model_dir, tmp_path, capsys):
+    candidates = tmp_path / "c.json"
+    main(["solve", "--hessian", str(artifact_path), "--remove", "2", "--top-k", "4", "--output", str(candidates)])
+    chosen = json.loads(candidates.read_text())[3]["blocks"]
+    out = tmp_path / "pruned"
+    code = main(
+        ["prune", "--model", str(tiny_model_dir), "--candidates", str(candidates), "--rank", "3", "--output", str(out)]
+    )
+    assert code == 0
+    provenance = json.loads((out / "block_removal.json").read_text())
+    assert provenance["removed_blocks"] == chosen and provenance["rank"] == 3
+    assert provenance["num_blocks_before"] == 6 and provenance["num_blocks_after"] == 4
+    assert provenance["num_parameters_after"] < provenance["num_parameters_before"]
+    assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
+    script = (
+        "import json; from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}); t = AutoTokenizer.from_pretrained({str(out)!r})\n"
+        "print(json.dumps({'layers': m.config.num_hidden_layers, 'n': len(m.model.layers)}))"
+    )
+    assert run_plain_transformers(script) == {"layers": 4, "n": 4}
+
+
+def test_prune_end_to_end_with_saved_hessian(tiny_model_dir, tmp_path, capsys):
+    out, art = tmp_path / "p", tmp_path / "h.safetensors"
+    args = ["prune", "--model", str(tiny_model_dir), "--remove", "3", *COMMON, "--save-hessian", str(art)]
+    assert main([*args, "--output", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "6 → 3 blocks" in text and "energy" in text
+    provenance = json.loads((out / "block_removal.json").read_text())
+    spectrum = provenance["solver"]["spectrum"]
+    assert provenance["removed_blocks"] == spectrum[0]["blocks"] and provenance["solver"]["certified"]
+    # reuse the artifact: same choice, no calibration
+    out2 = tmp_path / "p2"
+    assert (
+        main(["prune", "--model", str(tiny_model_dir), "--remove", "3", "--hessian", str(art), "--output", str(out2)])
+        == 0
+    )
+    assert json.loads((out2 / "block_removal.json").read_text())["removed_blocks"] == provenance["removed_blocks"]
+
+
+def test_prune_explicit_blocks(tiny_model_dir, tmp_path):
+    out = tmp_path / "p"
+    assert main(["prune", "--model", str(tiny_model_dir), "--blocks", "0,5", "--output", str(out)]) == 0
+    assert json.loads((out / "block_removal.json").read_text())["removed_blocks"] == [0, 5]
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (["--remove", "6"], "1..5"),
+        (["--remove", "0"], "positive"),
+        (["--remove", "2", "--top-k", "0"], "top_k"),
+        (["--remove", "2", "--rank", "12"], "rank 12"),
+        (["--blocks", "1,x"], "comma-separated"),
+    ],
+)
+def test_prune_bad_input_fails_cleanly(tiny_model_dir, tmp_path, capsys, extra, match, artifact_path):
+    out = tmp_path / "never"
+    code = main(
+        ["prune", "--model", str(tiny_model_dir), "--hessian", str(artifact_path), *extra, "--output", str(out)]
+    )
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and len(errors) == 1 and match in errors[0] and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_existing_output_and_foreign_artifact_are_refused(tiny_model_dir, tmp_path, capsys, artifact_path):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "x").write_text("x")
+    assert main(["prune", "--model", str(tiny_model_dir), "--blocks", "1", "--output", str(busy)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    art = HessianArtifact.load(artifact_path)
+    foreign = HessianArtifact(A=art.A[:, :4], block_names=art.block_names[:4], block_kinds=art.block_kinds[:4])
+    foreign.save(tmp_path / "foreign.safetensors")
+    args = [
+        "prune",
+        "--model",
+        str(tiny_model_dir),
+        "--remove",
+        "1",
+        "--hessian",
+        str(tmp_path / "foreign.safetensors"),
+    ]
+    assert main([*args, "--output", str(tmp_path / "o")]) == 2
+    assert "do not match" in capsys.readouterr().err
+
+
+def test_empty_data_is_refused(tiny_model_dir, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    code = main(
+        ["calibrate", "--model", str(tiny_model_dir), "--data", str(empty), "--output", str(tmp_path / "h.st")]
+    )
+    assert code == 2 and "no records" in capsys.readouterr().err
+    assert not (tmp_path / "h.st").exists()
+
+
+def test_config_file_with_flag_overrides(tiny_model_dir, tmp_path):
+    from hf_blockcbo.config import BlockRemovalConfig
+
+    BlockRemovalConfig(model=str(tiny_model_dir), num_samples=4, seq_len=16, num_remove=2, top_k=3).save_pretrained(
+        tmp_path
+    )
+    out = tmp_path / "p"
+    assert (
+        main(
+            [
+                "prune",
+                "--config",
+                str(tmp_path / "block_removal_config.json"),
+                "--remove",
+                "1",
+                "--no-progress",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    provenance = json.loads((out / "block_removal.json").read_text())
+    assert provenance["config"]["num_remove"] == 1 and provenance["config"]["num_samples"] == 4
+    assert len(provenance["removed_blocks"]) == 1

@@ -1,0 +1,66 @@
+import json
+
+import pytest
+
+from hf_blockcbo.data import build_calibration_set, embedded_documents
+from hf_blockcbo.errors import BlockCBOError
+
+
+def test_embedded_sample_has_disjoint_splits():
+    calibration = embedded_documents("calibration")
+    validation = embedded_documents("validation")
+    assert calibration[0].startswith("PRIDE AND PREJUDICE")
+    assert len(calibration) >= 3 * len(validation) > 0
+    long = {p for p in validation if len(p) > 200}  # short lines ("Yes.") recur in any novel
+    assert long and not long & set(calibration)
+
+
+def test_embedded_default_is_packed_into_full_windows(tokenizer):
+    cal = build_calibration_set(tokenizer, None, num_samples=5, seq_len=32)
+    assert cal.input_ids.shape == (5, 32) and bool(cal.attention_mask.all())
+    assert cal.source == "embedded"
+    again = build_calibration_set(tokenizer, "embedded", num_samples=5, seq_len=32)
+    assert cal.fingerprint == again.fingerprint
+
+
+def test_text_file(tokenizer, tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("It is a truth universally acknowledged. " * 50)
+    cal = build_calibration_set(tokenizer, str(path), num_samples=3, seq_len=16)
+    assert cal.input_ids.shape == (3, 16)
+
+
+def test_jsonl_text_records_are_truncated_and_padded(tokenizer, tmp_path):
+    path = tmp_path / "data.jsonl"
+    rows = [{"text": "Short one."}, {"text": "A much longer record that will be truncated to the window. " * 5}]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    cal = build_calibration_set(tokenizer, str(path), num_samples=2, seq_len=20, packing="truncate")
+    assert cal.input_ids.shape[1] == 20
+    assert int(cal.attention_mask[0].sum()) < 20 == int(cal.attention_mask[1].sum())
+
+
+def test_chat_records_use_the_chat_template(tokenizer, tmp_path):
+    path = tmp_path / "chat.jsonl"
+    record = {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."}]}
+    path.write_text(json.dumps(record) + "\n" + json.dumps(record))
+    cal = build_calibration_set(tokenizer, str(path), num_samples=2, seq_len=64)
+    text = tokenizer.decode(cal.input_ids[0][cal.attention_mask[0].bool()])
+    assert "user: What is 2+2?" in text and "assistant: 4." in text
+
+
+@pytest.mark.parametrize(
+    "content,match",
+    [("", "no records"), ('{"text": "   "}\n', "empty texts"), ('{"body": "x"}\n', "neither"), ("{oops\n", "JSON")],
+)
+def test_bad_data_is_refused(tokenizer, tmp_path, content, match):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(BlockCBOError, match=match):
+        build_calibration_set(tokenizer, str(path), num_samples=1, seq_len=8)
+
+
+def test_too_short_data_is_refused(tokenizer, tmp_path):
+    path = tmp_path / "tiny.txt"
+    path.write_text("Too short.")
+    with pytest.raises(BlockCBOError, match="lower --num-samples"):
+        build_calibration_set(tokenizer, str(path), num_samples=4, seq_len=64)
