@@ -7,6 +7,7 @@ folder loads with `AutoModelForCausalLM.from_pretrained` and no hf_blockcbo impo
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Sequence
@@ -42,6 +43,13 @@ def _renumber(block: nn.Module, old: int, new: int) -> None:
 
 
 def _rewrite_config(config, spec: ArchitectureSpec, num_old: int, keep: list[int]) -> None:
+    """Rewrite a copy first and apply it only if every step succeeds: a refusal leaves the config untouched."""
+    new = copy.deepcopy(config)
+    _rewrite_config_copy(new, spec, num_old, keep)
+    config.__dict__.update(new.__dict__)
+
+
+def _rewrite_config_copy(config, spec: ArchitectureSpec, num_old: int, keep: list[int]) -> None:
     for name, value in list(vars(config).items()):
         if not isinstance(value, (list, tuple)) or len(value) != num_old or name.startswith("_"):
             continue

@@ -16,6 +16,7 @@ from .registry import (
     register_architecture,
     registered_architectures,
     set_layers,
+    support_table,
 )
 
 
@@ -34,4 +35,5 @@ __all__ = [
     "register_architecture",
     "registered_architectures",
     "set_layers",
+    "support_table",
 ]

@@ -8,7 +8,7 @@ stack by shape and gates whole layers (``h_out = h_in + α·(layer(h_in) − h_i
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -49,7 +49,6 @@ class ArchitectureSpec:
     block_kind: BlockKindFn = _attention_kind
     rewrite_config: ConfigRewriteFn | None = None
     notes: str = ""
-    tested: bool = field(default=False, compare=False)
 
     @property
     def gate_kinds(self) -> tuple[str, ...]:
@@ -172,3 +171,26 @@ def count_parameters(model: nn.Module) -> int:
 
 def model_dtype(model: nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype
+
+
+def support_table(tested: set[str] | list[str] = ()) -> str:
+    """Markdown table of the registered families (for the README): family, model types, gate, block kinds, tested."""
+    kinds = {
+        "mlp_kind": "dense / moe",
+        "nemotron_kind": "mamba / attention / moe / mlp",
+        "_attention_kind": "attention",
+    }
+    rows = [
+        "| family | model types | gate (branches) | block kinds | tested | notes |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for spec in registered_architectures():
+        covered = sorted(set(spec.model_types) & set(tested))
+        gate = f"branch ({', '.join(spec.branches)})" if spec.branches else "layer"
+        kind = kinds.get(spec.block_kind.__name__, spec.block_kind.__name__)
+        rows.append(
+            f"| {spec.name} | {', '.join(spec.model_types)} | {gate} | {kind} | "
+            f"{', '.join(covered) if covered else 'no'} | {spec.notes} |"
+        )
+    rows.append(f"| {GENERIC.name} | any other | layer | attention | yes (llama as unknown type) | {GENERIC.notes} |")
+    return "\n".join(rows)
