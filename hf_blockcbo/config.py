@@ -44,6 +44,10 @@ class BlockRemovalConfig:
     top_k: int = field(default=10, metadata={"help": "Number of lowest-energy states to return."})
     method: str = field(default="auto", metadata={"help": "Solver: auto, exact or tabu."})
     protected: list[int] = field(default_factory=list, metadata={"help": "Blocks that are never removed."})
+    per_kind: dict[str, int] = field(
+        default_factory=dict, metadata={"help": "Exact count per block kind, e.g. {'attention': 2, 'moe': 1}."}
+    )
+    param_budget: float = field(default=0.0, metadata={"help": "Remove at least this % of the model's parameters."})
     seed: int = field(default=0, metadata={"help": "Seed of the stochastic solvers."})
     time_limit: float | None = field(default=None, metadata={"help": "Solver time limit in seconds."})
     rank: int = field(default=0, metadata={"help": "Which state of the spectrum to remove (0 = ground state)."})
@@ -66,6 +70,10 @@ class BlockRemovalConfig:
             raise BlockCBOError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.time_limit is not None and self.time_limit <= 0:
             raise BlockCBOError(f"time_limit must be positive, got {self.time_limit!r}")
+        if not 0.0 <= self.param_budget < 100.0:
+            raise BlockCBOError(f"param_budget is a percentage in [0, 100), got {self.param_budget!r}")
+        if any(not isinstance(v, int) or v < 0 for v in self.per_kind.values()):
+            raise BlockCBOError(f"per_kind counts must be non-negative integers, got {self.per_kind!r}")
         self.protected = sorted({int(p) for p in self.protected})
         if self.blocks is not None:
             self.blocks = sorted({int(b) for b in self.blocks})

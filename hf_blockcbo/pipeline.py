@@ -23,7 +23,7 @@ from .gates import resolve_gate_kind
 from .hessian import HessianArtifact
 from .models import ModelSource
 from .removal import remove_blocks, save_pruned
-from .solvers import SolveResult, solve
+from .solvers import Constraints, SolveResult, solve
 
 
 logger = logging.getLogger(__name__)
@@ -83,6 +83,16 @@ def solve_artifact(artifact: HessianArtifact, config: BlockRemovalConfig) -> Sol
             f"cannot remove {config.num_remove} of {artifact.num_blocks} blocks; choose K in 1..{artifact.num_blocks - 1}"
         )
     Q = artifact.energy_matrix(config.beta).numpy()
+    budget = 0
+    if config.param_budget:
+        total = int(artifact.metadata.get("num_parameters") or 0) or sum(artifact.block_num_parameters)
+        budget = int(total * config.param_budget / 100.0)
+    constraints = Constraints(
+        per_kind=config.per_kind,
+        kinds=artifact.block_kinds,
+        min_removed_parameters=budget,
+        block_parameters=artifact.block_num_parameters,
+    )
     return solve(
         Q,
         config.num_remove,
@@ -91,6 +101,7 @@ def solve_artifact(artifact: HessianArtifact, config: BlockRemovalConfig) -> Sol
         protected=config.protected,
         seed=config.seed,
         time_limit=config.time_limit,
+        constraints=constraints,
     )
 
 

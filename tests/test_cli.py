@@ -173,3 +173,15 @@ def test_config_file_with_flag_overrides(tiny_model_dir, tmp_path):
     provenance = json.loads((out / "block_removal.json").read_text())
     assert provenance["config"]["num_remove"] == 1 and provenance["config"]["num_samples"] == 4
     assert len(provenance["removed_blocks"]) == 1
+
+
+def test_solve_plot_and_constraints(artifact_path, tmp_path, capsys):
+    png = tmp_path / "spectrum.png"
+    out = tmp_path / "c.json"
+    args = ["solve", "--hessian", str(artifact_path), "--remove", "2", "--top-k", "6", "--protect", "0,5"]
+    assert main([*args, "--param-budget", "10", "--plot", str(png), "--output", str(out)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = json.loads(out.read_text())
+    assert all(not {0, 5} & set(r["blocks"]) for r in rows)
+    assert main([*args, "--per-kind", "moe=1", "--output", str(out)]) == 2
+    assert "no blocks of kind" in capsys.readouterr().err

@@ -114,3 +114,101 @@ def test_bad_matrices_are_refused():
     asym[0, 1] += 1.0
     with pytest.warns(UserWarning, match="symmetris"):
         solve(asym, 2)
+
+
+def test_torch_brute_force_equals_enumeration():
+    for n, m in [(9, 1), (9, 2), (12, 5), (16, 4)]:
+        Q = hessian_like(n, seed=n * m)
+        k = min(40, math.comb(n, m))
+        got = solve(Q, m, top_k=k, method="torch")
+        assert got.certified
+        assert [c.blocks for c in got.candidates] == [b for _, b in brute_force(Q, m, k)]
+
+
+def test_torch_brute_force_chunks_merge_and_survive_large_n():
+    from hf_blockcbo.solvers.brute_torch import brute_force_topk
+
+    Q = hessian_like(14, seed=2)
+    small_chunks, _, complete = brute_force_topk(Q, 5, 30, chunk_states=14 * 14 * 3)
+    assert complete
+    expected = [b for _, b in brute_force(Q, 5, 30)]
+    got = sorted((energy(Q, s), tuple(int(v) for v in s)) for s in small_chunks)
+    assert [b for _, b in got] == expected
+    big = hessian_like(70, seed=4)  # C(70, 35) overflows int64: the binomial table is clamped, ranks stay exact
+    states, energies, _ = brute_force_topk(big, 3, 5)
+    assert [tuple(s) for s in states] == [b for _, b in brute_force(big, 3, 5)]
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), data=st.data())
+def test_property_per_kind_counts_match_brute_force(seed, data):
+    from hf_blockcbo.solvers import Constraints
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(6, 11))
+    kinds = [str(k) for k in rng.choice(["attention", "moe", "mamba"], size=n)]
+    m = data.draw(st.integers(2, n - 1))
+    attention = kinds.count("attention")
+    want = data.draw(st.integers(0, min(attention, m)))
+    A = rng.normal(size=(2 * n, n))
+    Q = A.T @ A
+    cons = Constraints(per_kind={"attention": want}, kinds=kinds)
+    expected = sorted(
+        (energy(Q, s), s)
+        for s in itertools.combinations(range(n), m)
+        if sum(kinds[i] == "attention" for i in s) == want
+    )[:10]
+    if not expected:
+        with pytest.raises(BlockCBOError):
+            solve(Q, m, top_k=10, method="exact", constraints=cons)
+        return
+    for method in ("exact", "tabu"):
+        got = solve(Q, m, top_k=10, method=method, constraints=cons, seed=seed).candidates
+        np.testing.assert_allclose([c.energy for c in got], [e for e, _ in expected], rtol=1e-9)
+        assert all(sum(kinds[i] == "attention" for i in c.blocks) == want for c in got)
+
+
+def test_parameter_budget_is_honoured_or_refused():
+    from hf_blockcbo.solvers import Constraints
+
+    Q = hessian_like(12, seed=9)
+    weights = list(range(1, 13))
+    cons = Constraints(min_removed_parameters=30, block_parameters=weights)
+    got = solve(Q, 4, top_k=6, method="exact", constraints=cons)
+    expected = sorted(
+        (energy(Q, s), s) for s in itertools.combinations(range(12), 4) if sum(weights[i] for i in s) >= 30
+    )
+    assert [c.blocks for c in got.candidates] == [b for _, b in expected[:6]]
+    for method in ("tabu", "torch"):
+        with pytest.raises(BlockCBOError, match="exact"):
+            solve(Q, 4, top_k=6, method=method, constraints=cons)
+    with pytest.raises(BlockCBOError, match="no configuration"):
+        solve(
+            Q,
+            2,
+            top_k=3,
+            method="exact",
+            constraints=Constraints(min_removed_parameters=100, block_parameters=weights),
+        )
+
+
+def test_infeasible_per_kind_counts_are_refused():
+    from hf_blockcbo.solvers import Constraints, parse_per_kind
+
+    kinds = ["attention", "moe"] * 4
+    with pytest.raises(BlockCBOError, match="only 4"):
+        solve(hessian_like(8), 5, constraints=Constraints(per_kind={"attention": 5}, kinds=kinds))
+    with pytest.raises(BlockCBOError, match="no blocks of kind"):
+        solve(hessian_like(8), 2, constraints=Constraints(per_kind={"mamba": 1}, kinds=kinds))
+    with pytest.raises(BlockCBOError, match="cannot make"):
+        solve(hessian_like(8), 2, constraints=Constraints(per_kind={"attention": 1, "moe": 2}, kinds=kinds))
+    assert parse_per_kind("attention=2, moe=1") == {"attention": 2, "moe": 1}
+    with pytest.raises(BlockCBOError, match="KIND=COUNT"):
+        parse_per_kind("attention:2")
+
+
+def test_exact_refuses_an_enumeration_beyond_the_time_limit():
+    with pytest.raises(BlockCBOError, match="time limit"):
+        solve(hessian_like(60, seed=1), 20, method="exact", time_limit=1.0)
+    result = solve(hessian_like(60, seed=1), 20, method="tabu", time_limit=1.0, top_k=20)
+    assert not result.certified and len(result.candidates) == 20

@@ -51,6 +51,8 @@ class BaseCommand(ABC):
             "top_k": getattr(self.args, "top_k", None),
             "method": getattr(self.args, "method", None),
             "protected": parse_int_list(getattr(self.args, "protect", None)),
+            "per_kind": parse_per_kind_flag(getattr(self.args, "per_kind", None)),
+            "param_budget": getattr(self.args, "param_budget", None),
             "seed": getattr(self.args, "seed", None),
             "time_limit": getattr(self.args, "time_limit", None),
             "rank": getattr(self.args, "rank", None),
@@ -70,6 +72,14 @@ def parse_int_list(text: str | None) -> list[int] | None:
         return [int(part) for part in text.replace(" ", "").split(",") if part]
     except ValueError as err:
         raise BlockCBOError(f"expected a comma-separated list of block indices like 3,5,7, got {text!r}") from err
+
+
+def parse_per_kind_flag(text: str | None) -> dict[str, int] | None:
+    if text is None:
+        return None
+    from ..solvers.constrained import parse_per_kind
+
+    return parse_per_kind(text)
 
 
 def add_model_args(parser: ArgumentParser) -> None:
@@ -97,8 +107,10 @@ def add_solver_args(parser: ArgumentParser, remove_required: bool) -> None:
     group = parser.add_argument_group("solver")
     group.add_argument("--remove", type=int, required=remove_required, help="K, the number of blocks to remove")
     group.add_argument("--top-k", type=int, help="lowest-energy states to compute (default 10)")
-    group.add_argument("--method", help="solver: auto, exact or tabu (default auto)")
+    group.add_argument("--method", help="solver: auto, exact, tabu or torch (default auto)")
     group.add_argument("--protect", help="blocks never removed, e.g. 0,29")
+    group.add_argument("--per-kind", help="exact count per block kind, e.g. attention=2,moe=1 (hybrid models)")
+    group.add_argument("--param-budget", type=float, help="remove at least this %% of the parameters (exact solver)")
     group.add_argument("--beta", type=float, help="weight of the first-order term (default 0, as in the paper)")
     group.add_argument("--seed", type=int, help="seed of the stochastic solvers")
     group.add_argument("--time-limit", type=float, help="solver time limit in seconds")

@@ -16,6 +16,7 @@ class SolveCommand(BaseCommand):
         parser.add_argument("--config", help="a BlockRemovalConfig JSON/YAML file; flags override its values")
         add_solver_args(parser, remove_required=False)
         parser.add_argument("--output", help="candidates JSON (list of {rank, blocks, energy})")
+        parser.add_argument("--plot", help="PNG: energy vs rank and the block-frequency map of the K states")
 
     def run(self) -> int:
         from ..hessian import HessianArtifact
@@ -26,6 +27,10 @@ class SolveCommand(BaseCommand):
         result = solve_artifact(artifact, config)
         if self.args.output:
             write_candidates(result, self.args.output)
+        if self.args.plot:
+            from ..plots import plot_spectrum
+
+            plot_spectrum(result, self.args.plot, artifact.block_kinds)
         status = "certified exact" if result.certified else "not certified (heuristic)"
         print(f"{len(result.candidates)} states by {result.method} in {result.seconds:.2f} s, {status}")
         for c in result.candidates[: min(10, len(result.candidates))]:

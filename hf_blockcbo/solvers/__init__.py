@@ -13,6 +13,8 @@ import numpy as np
 
 from ..errors import BlockCBOError
 from .base import Candidate, SolveResult, check_counts, check_matrix, energy, num_states, to_candidates
+from .brute_torch import brute_force_topk
+from .constrained import Constraints, enumerate_constrained, feasible_start, parse_per_kind, swap_classes
 from .exact import enumerate_topk
 from .tabu import tabu_topk
 
@@ -34,20 +36,53 @@ def available_solvers() -> list[str]:
     return ["auto", *sorted(_SOLVERS)]
 
 
+EXACT_RATE = 2e8  # states/s, a conservative figure for refusing an enumeration that would outlast --time-limit
+
+
 @register_solver("exact")
-def _solve_exact(Q, num_remove, top_k, seed, time_limit):
+def _solve_exact(Q, num_remove, top_k, seed, time_limit, cons):
+    count = num_states(Q.shape[0], num_remove)
+    if time_limit is not None and count / EXACT_RATE > time_limit:
+        raise BlockCBOError(
+            f"exact enumeration of C({Q.shape[0]}, {num_remove}) = {count:.3g} states would outlast the "
+            f"{time_limit:g} s time limit; use --method tabu or raise --time-limit"
+        )
+    if cons is not None:
+        return (*enumerate_constrained(Q, num_remove, top_k, *cons), True, {})
     states, energies = enumerate_topk(Q, num_remove, top_k)
     return states, energies, True, {}
 
 
 @register_solver("tabu")
-def _solve_tabu(Q, num_remove, top_k, seed, time_limit):
-    states, energies, info = tabu_topk(Q, num_remove, top_k, seed=seed, time_limit=time_limit)
+def _solve_tabu(Q, num_remove, top_k, seed, time_limit, cons):
+    classes = initial = None
+    if cons is not None:
+        kind_ids, required, weights, min_weight = cons
+        if min_weight > 0:
+            raise BlockCBOError("the tabu solver does not take a parameter budget; use --method exact")
+        classes = swap_classes(kind_ids, required)
+        initial = lambda rng: feasible_start(classes, kind_ids, required, num_remove, rng)  # noqa: E731
+    states, energies, info = tabu_topk(
+        Q, num_remove, top_k, seed=seed, time_limit=time_limit, classes=classes, initial=initial
+    )
     return states, energies, False, info
 
 
+@register_solver("torch")
+def _solve_torch(Q, num_remove, top_k, seed, time_limit, cons):
+    if cons is not None:
+        raise BlockCBOError("the torch brute force takes no per-kind counts or budget; use --method exact or tabu")
+    states, energies, complete = brute_force_topk(Q, num_remove, top_k, time_limit=time_limit)
+    return states, energies, complete, {"complete": complete}
+
+
 def _auto_method(num_blocks: int, num_remove: int) -> str:
-    return "exact" if num_states(num_blocks, num_remove) <= EXACT_LIMIT else "tabu"
+    import torch
+
+    count = num_states(num_blocks, num_remove)
+    if torch.cuda.is_available() and 1e8 < count <= 1e13:
+        return "torch"
+    return "exact" if count <= EXACT_LIMIT else "tabu"
 
 
 def solve(
@@ -58,6 +93,7 @@ def solve(
     protected: Sequence[int] = (),
     seed: int = 0,
     time_limit: float | None = None,
+    constraints: Constraints | None = None,
 ) -> SolveResult:
     """The ``top_k`` lowest-energy ways to remove ``num_remove`` blocks.
 
@@ -68,7 +104,8 @@ def solve(
         method (`str`, defaults to `"auto"`): `"exact"`, `"tabu"` or `"auto"` (exact where C(N, M) is small).
         protected (`Sequence[int]`): blocks that are never removed.
         seed (`int`): seed for the stochastic solvers.
-        time_limit (`float`, *optional*): seconds; respected by the stochastic solvers.
+        time_limit (`float`, *optional*): seconds: tabu and torch stop (uncertified), exact refuses up front.
+        constraints (`Constraints`, *optional*): per-kind counts and/or a parameter budget.
 
     ```python
     result = solve(artifact.H, num_remove=6, top_k=20)
@@ -86,7 +123,10 @@ def solve(
     if chosen not in _SOLVERS:
         raise BlockCBOError(f"unknown solver {method!r}; choose one of {', '.join(available_solvers())}")
     start = time.perf_counter()
-    states, energies, certified, info = _SOLVERS[chosen](reduced, num_remove, top_k, seed, time_limit)
+    cons = constraints.encode(index_map, num_remove) if constraints is not None and constraints.active else None
+    states, energies, certified, info = _SOLVERS[chosen](reduced, num_remove, top_k, seed, time_limit, cons)
+    if len(states) == 0:
+        raise BlockCBOError("no configuration meets the constraints; relax --per-kind / --param-budget / --protect")
     seconds = time.perf_counter() - start
     # Recompute energies from Q directly: the reported number never depends on a solver's incremental arithmetic.
     candidates = to_candidates(states, energies, index_map)
@@ -102,4 +142,13 @@ def solve(
     )
 
 
-__all__ = ["Candidate", "SolveResult", "available_solvers", "energy", "register_solver", "solve"]
+__all__ = [
+    "Candidate",
+    "Constraints",
+    "SolveResult",
+    "available_solvers",
+    "energy",
+    "parse_per_kind",
+    "register_solver",
+    "solve",
+]

@@ -50,7 +50,7 @@ def _swapped_state(removed_sorted, i, j):
 
 
 @njit(cache=True)
-def _tabu_run(Q, x, iterations, tenure, zobrist, energies, states, hashes, size, seed):
+def _tabu_run(Q, x, classes, iterations, tenure, zobrist, energies, states, hashes, size, seed):
     """One tabu walk from ``x`` (modified in place); returns the best energy it saw."""
     np.random.seed(seed)
     n = Q.shape[0]
@@ -85,6 +85,8 @@ def _tabu_run(Q, x, iterations, tenure, zobrist, energies, states, hashes, size,
             ai = Q[i, i] - 2.0 * field[i]
             for b in range(n - m):
                 j = kept[b]
+                if classes[i] != classes[j]:
+                    continue
                 delta = ai + Q[j, j] + 2.0 * field[j] - 2.0 * Q[i, j]
                 e_new = e_cur + delta
                 if e_new < threshold:
@@ -137,6 +139,8 @@ def tabu_topk(
     iterations: int | None = None,
     time_limit: float | None = None,
     patience: int = 8,
+    classes: np.ndarray | None = None,
+    initial=None,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """States and energies of the lowest ``top_k`` states found by restarted swap tabu search (unsorted).
 
@@ -145,10 +149,13 @@ def tabu_topk(
             unchanged (at most 4N walks).
         iterations (`int`, *optional*): moves per walk, default ``max(50, 10·N)``.
         time_limit (`float`, *optional*): seconds; checked between walks.
+        classes (`np.ndarray`, *optional*): only blocks of one class swap (keeps per-kind counts); default all one.
+        initial (`Callable`, *optional*): `rng -> x`, a feasible random start; default any M blocks.
     """
     Q = np.ascontiguousarray(Q, dtype=np.float64)
     n = Q.shape[0]
     rng = np.random.default_rng(seed)
+    classes = np.zeros(n, dtype=np.int64) if classes is None else np.ascontiguousarray(classes, dtype=np.int64)
     zobrist = rng.integers(1, np.iinfo(np.uint64).max, size=n, dtype=np.uint64)
     energies, states, hashes, size = new_archive(top_k, num_remove)
     iterations = iterations or max(50, 10 * n)
@@ -160,18 +167,22 @@ def tabu_topk(
     for walk in range(max_walks):
         x = np.zeros(n, dtype=np.int64)
         if walk == 0 or size[0] == 0:
-            x[rng.choice(n, size=num_remove, replace=False)] = 1
+            if initial is None:
+                x[rng.choice(n, size=num_remove, replace=False)] = 1
+            else:
+                x = initial(rng)
         else:
             # perturb a random archive member by a few random swaps
             member = states[rng.integers(int(size[0]))]
             x[member] = 1
             for _ in range(int(rng.integers(1, max(2, num_remove // 2 + 1)))):
-                ones = np.flatnonzero(x)
-                zeros = np.flatnonzero(x == 0)
-                x[rng.choice(ones)] = 0
-                x[rng.choice(zeros)] = 1
+                out = rng.choice(np.flatnonzero(x))
+                partners = np.flatnonzero((x == 0) & (classes == classes[out]))
+                if len(partners):
+                    x[out] = 0
+                    x[rng.choice(partners)] = 1
         before = (energies.copy(), int(size[0]))
-        _tabu_run(Q, x, iterations, tenure, zobrist, energies, states, hashes, size, int(rng.integers(2**31)))
+        _tabu_run(Q, x, classes, iterations, tenure, zobrist, energies, states, hashes, size, int(rng.integers(2**31)))
         walks += 1
         changed = int(size[0]) != before[1] or not np.array_equal(np.sort(energies), np.sort(before[0]))
         unchanged = 0 if changed else unchanged + 1
