@@ -15,6 +15,7 @@ _EXPORTS = {
     "BlockCBOError": "errors",
     "BlockGates": "gates",
     "BlockRemovalConfig": "config",
+    "BlockRemover": "api",
     "CalibrationSet": "data",
     "Candidate": "solvers",
     "HessianArtifact": "hessian",
@@ -31,6 +32,7 @@ __all__ = [
     "BlockCBOError",
     "BlockGates",
     "BlockRemovalConfig",
+    "BlockRemover",
     "CalibrationSet",
     "Candidate",
     "HessianArtifact",
@@ -51,6 +53,7 @@ def __getattr__(name: str):
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .api import BlockRemover
     from .calibration import compute_gate_gradients
     from .config import BlockRemovalConfig
     from .data import CalibrationSet, build_calibration_set

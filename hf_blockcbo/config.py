@@ -42,7 +42,17 @@ class BlockRemovalConfig:
     beta: float = field(default=0.0, metadata={"help": "Weight of the first-order term (paper: 0)."})
     num_remove: int | None = field(default=None, metadata={"help": "M, the number of blocks to remove."})
     top_k: int = field(default=10, metadata={"help": "Number of lowest-energy states to return."})
-    method: str = field(default="auto", metadata={"help": "Solver: auto, exact or tabu."})
+    solver: str = field(default="auto", metadata={"help": "Solver: auto, exact, tabu or torch."})
+    scorer: str = field(
+        default="cbo", metadata={"help": "How blocks are chosen: cbo, bi, angular, norm_ratio, sleb, swm or random."}
+    )
+    select: str = field(
+        default="validation", metadata={"help": "Pick among the CBO states by validation perplexity, or by energy."}
+    )
+    validation_data: str | None = field(
+        default=None, metadata={"help": "Held-out data for selection; None: the embedded validation split."}
+    )
+    validation_samples: int = field(default=32, metadata={"help": "Validation samples (seq_len tokens each)."})
     protected: list[int] = field(default_factory=list, metadata={"help": "Blocks that are never removed."})
     per_kind: dict[str, int] = field(
         default_factory=dict, metadata={"help": "Exact count per block kind, e.g. {'attention': 2, 'moe': 1}."}
@@ -50,7 +60,9 @@ class BlockRemovalConfig:
     param_budget: float = field(default=0.0, metadata={"help": "Remove at least this % of the model's parameters."})
     seed: int = field(default=0, metadata={"help": "Seed of the stochastic solvers."})
     time_limit: float | None = field(default=None, metadata={"help": "Solver time limit in seconds."})
-    rank: int = field(default=0, metadata={"help": "Which state of the spectrum to remove (0 = ground state)."})
+    rank: int | None = field(
+        default=None, metadata={"help": "Take this state of the spectrum (0 = ground state) instead of selecting."}
+    )
     blocks: list[int] | None = field(default=None, metadata={"help": "Explicit blocks to remove (skips the solver)."})
 
     def __post_init__(self) -> None:
@@ -60,9 +72,13 @@ class BlockRemovalConfig:
                 raise BlockCBOError(f"{name} must be a positive integer, got {value!r}")
         if self.num_remove is not None and (not isinstance(self.num_remove, int) or self.num_remove <= 0):
             raise BlockCBOError(f"num_remove must be a positive integer, got {self.num_remove!r}")
-        if self.rank < 0:
+        if self.select not in ("validation", "energy"):
+            raise BlockCBOError(f"select must be 'validation' or 'energy', got {self.select!r}")
+        if not isinstance(self.validation_samples, int) or self.validation_samples <= 0:
+            raise BlockCBOError(f"validation_samples must be a positive integer, got {self.validation_samples!r}")
+        if self.rank is not None and self.rank < 0:
             raise BlockCBOError(f"rank must be >= 0, got {self.rank!r}")
-        if self.rank >= self.top_k:
+        if self.rank is not None and self.rank >= self.top_k:
             raise BlockCBOError(
                 f"rank {self.rank} is outside the top-{self.top_k} spectrum; raise top_k above {self.rank}"
             )
@@ -115,5 +131,28 @@ class BlockRemovalConfig:
         return path
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> BlockRemovalConfig:
-        return cls.from_file(Path(directory) / CONFIG_NAME)
+    def from_pretrained(cls, directory_or_repo: str | os.PathLike, revision: str | None = None) -> BlockRemovalConfig:
+        """Read ``block_removal_config.json`` from a local folder first, else from a Hub repository."""
+        local = Path(directory_or_repo)
+        if local.is_dir():
+            return cls.from_file(local / CONFIG_NAME)
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+
+        try:
+            path = hf_hub_download(str(directory_or_repo), CONFIG_NAME, revision=revision)
+        except (RepositoryNotFoundError, EntryNotFoundError) as err:
+            raise BlockCBOError(f"no {CONFIG_NAME} in {str(directory_or_repo)!r} (local folder or Hub repo)") from err
+        return cls.from_file(path)
+
+    def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None) -> str:
+        """Upload this config as ``block_removal_config.json`` (one commit)."""
+        from huggingface_hub import CommitOperationAdd, HfApi
+
+        from . import __version__
+
+        payload = json.dumps({**self.to_dict(), "package_version": __version__}, indent=2, sort_keys=True).encode()
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        operation = CommitOperationAdd(path_in_repo=CONFIG_NAME, path_or_fileobj=payload)
+        return api.create_commit(repo_id, [operation], commit_message="Upload BlockRemovalConfig").commit_url

@@ -22,23 +22,21 @@ from .errors import BlockCBOError
 EMBEDDED = "embedded"
 EMBEDDED_DESCRIPTION = (
     "Jane Austen, Pride and Prejudice (1813; public domain), paragraphs reflowed from the text in the CRAN package "
-    "janeaustenr (MIT), first 80% of paragraphs = calibration split, last 20% = validation split"
+    "janeaustenr (MIT); paragraphs 0-80% = calibration split, 80-90% = validation split, 90-100% = test split"
 )
 _EMBEDDED_FILE = "pride_and_prejudice.txt.gz"
-_VALIDATION_FRACTION = 0.2
+_SPLITS = {"calibration": (0.0, 0.8), "validation": (0.8, 0.9), "test": (0.9, 1.0)}
 
 
 def embedded_documents(split: str = "calibration") -> list[str]:
-    """Paragraphs of the embedded public-domain sample; ``split`` is `"calibration"` or `"validation"` (disjoint)."""
+    """Paragraphs of the embedded public-domain sample; ``split`` is calibration, validation or test (disjoint)."""
+    if split not in _SPLITS:
+        raise BlockCBOError(f"unknown split {split!r} of the embedded sample; use one of {', '.join(_SPLITS)}")
     with resources.files("hf_blockcbo.resources").joinpath(_EMBEDDED_FILE).open("rb") as raw:
         text = gzip.decompress(raw.read()).decode("utf-8")
     paragraphs = [p for p in text.split("\n\n") if p.strip()]
-    cut = int(len(paragraphs) * (1 - _VALIDATION_FRACTION))
-    if split == "calibration":
-        return paragraphs[:cut]
-    if split == "validation":
-        return paragraphs[cut:]
-    raise BlockCBOError(f"unknown split {split!r} of the embedded sample; use 'calibration' or 'validation'")
+    lo, hi = (int(len(paragraphs) * f) for f in _SPLITS[split])
+    return paragraphs[lo:hi]
 
 
 @dataclass
@@ -114,6 +112,8 @@ def load_records(source: str | None, split: str = "train") -> tuple[list[dict], 
     """Records `{"text": ...}` or `{"messages": [...]}` and a description of where they came from."""
     if source is None or source == EMBEDDED:
         return [{"text": p} for p in embedded_documents("calibration")], EMBEDDED
+    if source.startswith(EMBEDDED + ":"):
+        return [{"text": p} for p in embedded_documents(source.split(":", 1)[1])], source
     path = Path(source)
     if path.is_file():
         if path.suffix in (".jsonl", ".json"):
@@ -192,7 +192,8 @@ def build_calibration_set(
     Args:
         tokenizer: the model's tokenizer.
         source (`str`, *optional*): a `.txt` file, a `.jsonl`/`.json` file of `text` or `messages` records, a saved
-            `datasets` folder or Hub dataset id, or `None`/`"embedded"` for the packaged public-domain sample.
+            `datasets` folder or Hub dataset id, or `None`/`"embedded"` for the packaged public-domain sample
+            (`"embedded:validation"` and `"embedded:test"` are its disjoint held-out splits).
         num_samples (`int`, defaults to 128): samples to produce.
         seq_len (`int`, defaults to 256): tokens per sample.
         packing (`str`, defaults to `"auto"`): `"pack"` (join and cut into full windows), `"truncate"` (one sample

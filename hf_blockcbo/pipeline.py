@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -97,7 +98,7 @@ def solve_artifact(artifact: HessianArtifact, config: BlockRemovalConfig) -> Sol
         Q,
         config.num_remove,
         top_k=config.top_k,
-        method=config.method,
+        method=config.solver,
         protected=config.protected,
         seed=config.seed,
         time_limit=config.time_limit,
@@ -132,6 +133,103 @@ class Selection:
     energy: float | None = None
     rank: int | None = None
     solver: dict | None = None
+    scorer: str = "cbo"
+    merge_into: int | None = None  # sliding-window merging: the block that absorbs the removed ones
+    validation_ppl: float | None = None
+    spectrum: list[dict] | None = None  # every candidate considered, with energy and validation perplexity
+
+
+def _explicit_selection(config: BlockRemovalConfig, candidates_file: str | None) -> Selection | None:
+    if config.blocks is not None:
+        return Selection(blocks=config.blocks, how="explicit", scorer="explicit")
+    if candidates_file:
+        rows = read_candidates(candidates_file)
+        rank = config.rank or 0
+        if rank >= len(rows):
+            raise BlockCBOError(f"--rank {rank} is beyond the {len(rows)} states in {candidates_file}")
+        row = rows[rank]
+        return Selection(row["blocks"], "candidates file", row.get("energy"), row.get("rank", rank))
+    return None
+
+
+def choose_blocks(
+    model: nn.Module,
+    tokenizer,
+    config: BlockRemovalConfig,
+    source: ModelSource,
+    artifact: HessianArtifact | None = None,
+    candidates_file: str | None = None,
+    progress: bool = True,
+) -> tuple[Selection, HessianArtifact | None]:
+    """Decide which blocks go: explicit blocks, a candidates file, CBO (+ validation selection) or a baseline scorer."""
+    from .scorers import ScoringContext, score
+    from .selection import select_by_validation
+
+    explicit = _explicit_selection(config, candidates_file)
+    if explicit is not None:
+        return explicit, artifact
+    if config.num_remove is None:
+        raise BlockCBOError("say how many blocks to remove (--remove K), or pick them with --blocks")
+    num_blocks = len(describe_blocks(model))
+    if config.num_remove >= num_blocks:
+        raise BlockCBOError(
+            f"cannot remove {config.num_remove} of {num_blocks} blocks; choose K in 1..{num_blocks - 1}"
+        )
+    if config.scorer != "cbo":
+        calibration = build_calibration_set(
+            tokenizer, config.data, num_samples=config.num_samples, seq_len=config.seq_len, packing=config.packing
+        )
+        ctx = ScoringContext(
+            model,
+            calibration,
+            artifact,
+            config.top_k,
+            config.seed,
+            config.batch_size,
+            config.protected,
+            progress=progress,
+        )
+        chosen = score(config.scorer, ctx, config.num_remove)[0]
+        merge_into = chosen.blocks[0] - 1 if config.scorer == "swm" else None
+        energy = None if math.isnan(chosen.energy) else chosen.energy
+        return Selection(
+            list(chosen.blocks), f"{config.scorer} scorer", energy, None, None, config.scorer, merge_into
+        ), artifact
+    if artifact is None:
+        artifact = calibrate(model, tokenizer, config, source, progress=progress)
+    result = solve_artifact(artifact, config)
+    solver = {k: v for k, v in result.to_dict().items() if k != "candidates"}
+    candidates = result.candidates
+    if config.rank is not None:
+        if config.rank >= len(candidates):
+            raise BlockCBOError(f"--rank {config.rank} is beyond the {len(candidates)} states found")
+        chosen, how = candidates[config.rank], f"rank {config.rank} by energy"
+    elif config.select == "energy" or len(candidates) == 1:
+        chosen, how = candidates[0], "ground state (energy)"
+    else:
+        validation = build_calibration_set(
+            tokenizer,
+            config.validation_data or "embedded:validation",
+            num_samples=config.validation_samples,
+            seq_len=config.seq_len,
+            packing=config.packing,
+        )
+        chosen, candidates = select_by_validation(model, candidates, validation, config.batch_size, progress=progress)
+        how = f"validation perplexity over the {len(candidates)} lowest states ({validation.source})"
+    return (
+        Selection(
+            list(chosen.blocks),
+            how,
+            chosen.energy,
+            chosen.rank,
+            solver,
+            "cbo",
+            None,
+            chosen.score,
+            [c.to_dict() for c in candidates],
+        ),
+        artifact,
+    )
 
 
 def prune_and_save(
@@ -146,19 +244,26 @@ def prune_and_save(
 ) -> dict:
     """Remove ``selection.blocks`` from ``model``, save the plain checkpoint with its provenance; return the summary."""
     from . import __version__
+    from .scorers import merge_window
 
     num_blocks_before = len(describe_blocks(model))
     params_before = count_parameters(model)
+    if selection.merge_into is not None:
+        merge_window(model, selection.merge_into, selection.blocks)
     remove_blocks(model, selection.blocks)
     summary = {
         "package": "hf_blockcbo",
         "package_version": __version__,
         **source.to_dict(),
         "removed_blocks": list(selection.blocks),
+        "scorer": selection.scorer,
         "selection": selection.how,
         "energy": selection.energy,
         "rank": selection.rank,
+        "validation_perplexity": selection.validation_ppl,
+        "merged_into": selection.merge_into,
         "solver": selection.solver,
+        "spectrum": selection.spectrum,
         "num_blocks_before": num_blocks_before,
         "num_blocks_after": num_blocks_before - len(selection.blocks),
         "num_parameters_before": params_before,

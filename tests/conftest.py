@@ -124,7 +124,7 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
-def run_plain_transformers(script: str, timeout: int = 300) -> dict:
+def run_plain_transformers(script: str, timeout: int = 300, env: dict | None = None) -> dict:
     """Run ``script`` in a fresh interpreter that never imports hf_blockcbo; it prints one JSON line."""
     guard = (
         "import sys\n"
@@ -133,7 +133,7 @@ def run_plain_transformers(script: str, timeout: int = 300) -> dict:
         "        if name.split('.')[0] == 'hf_blockcbo': raise ImportError('hf_blockcbo must not be imported')\n"
         "sys.meta_path.insert(0, _Block())\n"
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     out = subprocess.run(
         [sys.executable, "-c", guard + script], capture_output=True, text=True, timeout=timeout, env=env, cwd="/"
     )

@@ -78,8 +78,11 @@ def test_prune_end_to_end_with_saved_hessian(tiny_model_dir, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "6 → 3 blocks" in text and "energy" in text
     provenance = json.loads((out / "block_removal.json").read_text())
-    spectrum = provenance["solver"]["spectrum"]
-    assert provenance["removed_blocks"] == spectrum[0]["blocks"] and provenance["solver"]["certified"]
+    spectrum = provenance["spectrum"]
+    best = min(spectrum, key=lambda row: (row["score"], row["rank"]))
+    assert provenance["removed_blocks"] == best["blocks"] and provenance["solver"]["certified"]
+    assert provenance["validation_perplexity"] == best["score"] and provenance["scorer"] == "cbo"
+    assert [row["rank"] for row in spectrum] == list(range(len(spectrum)))
     # reuse the artifact: same choice, no calibration
     out2 = tmp_path / "p2"
     assert (
@@ -185,3 +188,65 @@ def test_solve_plot_and_constraints(artifact_path, tmp_path, capsys):
     assert all(not {0, 5} & set(r["blocks"]) for r in rows)
     assert main([*args, "--per-kind", "moe=1", "--output", str(out)]) == 2
     assert "no blocks of kind" in capsys.readouterr().err
+
+
+def test_prune_with_a_baseline_scorer_and_energy_selection(tiny_model_dir, tmp_path):
+    out = tmp_path / "bi"
+    assert (
+        main(
+            ["prune", "--model", str(tiny_model_dir), "--remove", "2", "--method", "bi", *COMMON, "--output", str(out)]
+        )
+        == 0
+    )
+    provenance = json.loads((out / "block_removal.json").read_text())
+    assert provenance["scorer"] == "bi" and len(provenance["removed_blocks"]) == 2
+    out = tmp_path / "swm"
+    assert (
+        main(
+            [
+                "prune",
+                "--model",
+                str(tiny_model_dir),
+                "--remove",
+                "2",
+                "--method",
+                "swm",
+                *COMMON,
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    provenance = json.loads((out / "block_removal.json").read_text())
+    assert provenance["merged_into"] == provenance["removed_blocks"][0] - 1
+    out = tmp_path / "energy"
+    args = ["prune", "--model", str(tiny_model_dir), "--remove", "2", "--select", "energy", *COMMON]
+    assert main([*args, "--output", str(out)]) == 0
+    provenance = json.loads((out / "block_removal.json").read_text())
+    assert provenance["rank"] == 0 and provenance["selection"].startswith("ground state")
+
+
+def test_compare_writes_table_csv_and_plot(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text('{"question": "The sky is", "choices": ["blue.", "green."], "labels": ["A", "B"], "answer": "A"}\n')
+    args = [
+        "compare",
+        "--model",
+        str(tiny_model_dir),
+        "--remove",
+        "1,2",
+        *COMMON,
+        "--eval-samples",
+        "3",
+        "--mc",
+        str(mc),
+    ]
+    assert main([*args, "--sleb-samples", "2", "--top-k", "4", "--output-dir", str(out)]) == 0
+    table = (out / "compare.md").read_text()
+    for method in ("cbo", "cbo (ground state)", "bi", "angular", "norm_ratio", "sleb", "swm", "random"):
+        assert f"| {method} |" in table
+    assert "Spearman" in table and "mc acc" in table
+    assert len((out / "compare.csv").read_text().splitlines()) == 1 + 2 * 8
+    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"

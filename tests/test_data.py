@@ -9,10 +9,12 @@ from hf_blockcbo.errors import BlockCBOError
 def test_embedded_sample_has_disjoint_splits():
     calibration = embedded_documents("calibration")
     validation = embedded_documents("validation")
+    test = embedded_documents("test")
     assert calibration[0].startswith("PRIDE AND PREJUDICE")
-    assert len(calibration) >= 3 * len(validation) > 0
-    long = {p for p in validation if len(p) > 200}  # short lines ("Yes.") recur in any novel
+    assert len(calibration) >= 6 * len(validation) > 0 and len(test) > 0
+    long = {p for p in validation + test if len(p) > 200}  # short lines ("Yes.") recur in any novel
     assert long and not long & set(calibration)
+    assert not {p for p in test if len(p) > 200} & set(validation)
 
 
 def test_embedded_default_is_packed_into_full_windows(tokenizer):

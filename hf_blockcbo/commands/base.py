@@ -49,7 +49,11 @@ class BaseCommand(ABC):
             "beta": getattr(self.args, "beta", None),
             "num_remove": getattr(self.args, "remove", None),
             "top_k": getattr(self.args, "top_k", None),
-            "method": getattr(self.args, "method", None),
+            "solver": getattr(self.args, "solver", None),
+            "scorer": getattr(self.args, "scorer", None),
+            "select": getattr(self.args, "select", None),
+            "validation_data": getattr(self.args, "validation_data", None),
+            "validation_samples": getattr(self.args, "validation_samples", None),
             "protected": parse_int_list(getattr(self.args, "protect", None)),
             "per_kind": parse_per_kind_flag(getattr(self.args, "per_kind", None)),
             "param_budget": getattr(self.args, "param_budget", None),
@@ -103,11 +107,20 @@ def add_calibration_args(parser: ArgumentParser) -> None:
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def add_solver_args(parser: ArgumentParser, remove_required: bool) -> None:
+def add_selection_args(parser: ArgumentParser) -> None:
+    group = parser.add_argument_group("selection")
+    group.add_argument(
+        "--select", choices=["validation", "energy"], help="pick the CBO state by validation ppl (default)"
+    )
+    group.add_argument("--validation-data", help="held-out data for selection (default: embedded validation split)")
+    group.add_argument("--validation-samples", type=int, help="validation samples (default 32)")
+
+
+def add_solver_args(parser: ArgumentParser, remove_required: bool, solver_flag: str = "--solver") -> None:
     group = parser.add_argument_group("solver")
     group.add_argument("--remove", type=int, required=remove_required, help="K, the number of blocks to remove")
     group.add_argument("--top-k", type=int, help="lowest-energy states to compute (default 10)")
-    group.add_argument("--method", help="solver: auto, exact, tabu or torch (default auto)")
+    group.add_argument(solver_flag, dest="solver", help="solver: auto, exact, tabu or torch (default auto)")
     group.add_argument("--protect", help="blocks never removed, e.g. 0,29")
     group.add_argument("--per-kind", help="exact count per block kind, e.g. attention=2,moe=1 (hybrid models)")
     group.add_argument("--param-budget", type=float, help="remove at least this %% of the parameters (exact solver)")

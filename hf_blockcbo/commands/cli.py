@@ -7,11 +7,13 @@ from argparse import ArgumentParser
 
 from .base import BaseCommand
 from .calibrate import CalibrateCommand
+from .compare import CompareCommand
 from .prune import PruneCommand
+from .push import PushCommand
 from .solve import SolveCommand
 
 
-COMMANDS: list[type[BaseCommand]] = [CalibrateCommand, SolveCommand, PruneCommand]
+COMMANDS: list[type[BaseCommand]] = [CalibrateCommand, SolveCommand, PruneCommand, CompareCommand, PushCommand]
 
 
 def build_parser(prog: str = "hf-blockcbo") -> ArgumentParser:

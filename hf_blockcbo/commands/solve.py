@@ -14,7 +14,7 @@ class SolveCommand(BaseCommand):
     def parse_args(parser: ArgumentParser) -> None:
         parser.add_argument("--hessian", required=True, help="artifact written by `hf-blockcbo calibrate`")
         parser.add_argument("--config", help="a BlockRemovalConfig JSON/YAML file; flags override its values")
-        add_solver_args(parser, remove_required=False)
+        add_solver_args(parser, remove_required=False, solver_flag="--method")
         parser.add_argument("--output", help="candidates JSON (list of {rank, blocks, energy})")
         parser.add_argument("--plot", help="PNG: energy vs rank and the block-frequency map of the K states")
 

@@ -19,9 +19,13 @@ class Candidate:
     rank: int
     blocks: tuple[int, ...]
     energy: float
+    score: float | None = None  # a baseline's own score, or a validation metric, when there is one
 
     def to_dict(self) -> dict:
-        return {"rank": self.rank, "blocks": list(self.blocks), "energy": self.energy}
+        row = {"rank": self.rank, "blocks": list(self.blocks), "energy": self.energy}
+        if self.score is not None:
+            row["score"] = self.score
+        return row
 
 
 @dataclass

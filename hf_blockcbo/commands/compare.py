@@ -1,0 +1,101 @@
+"""`hf-blockcbo compare`: CBO against every baseline on one model, one table, CSV and plots."""
+
+from __future__ import annotations
+
+from argparse import ArgumentParser
+
+from .base import BaseCommand, CommandInfo, add_calibration_args, add_model_args, parse_int_list
+
+
+class CompareCommand(BaseCommand):
+    COMMAND = CommandInfo(name="compare", help="compare CBO with BI, angular, norm ratio, SLEB, SWM and random")
+
+    @staticmethod
+    def parse_args(parser: ArgumentParser) -> None:
+        add_model_args(parser)
+        add_calibration_args(parser)
+        parser.add_argument("--remove", dest="removes", required=True, help="numbers of blocks to remove, e.g. 2,4,6")
+        parser.add_argument(
+            "--methods", default="cbo,bi,angular,norm_ratio,sleb,swm,random", help="scorers to compare"
+        )
+        parser.add_argument("--hessian", help="reuse this artifact for CBO instead of calibrating")
+        parser.add_argument("--top-k", type=int, help="CBO states evaluated for selection (default 20)")
+        parser.add_argument("--select", choices=["validation", "energy"], help="CBO pick (default validation)")
+        parser.add_argument("--validation-data", help="selection data (default: embedded validation split)")
+        parser.add_argument("--test-data", help="test data (default: embedded test split)")
+        parser.add_argument("--eval-samples", type=int, default=32, help="validation and test samples (default 32)")
+        parser.add_argument("--sleb-samples", type=int, default=8, help="samples for SLEB's greedy loss (default 8)")
+        parser.add_argument("--seed", type=int, help="seed of the random baseline and the solvers")
+        parser.add_argument("--mc", help="multiple-choice JSONL files (benchkit format), comma-separated")
+        parser.add_argument("--mc-limit", type=int, default=100, help="items per multiple-choice file (default 100)")
+        parser.add_argument("--output-dir", required=True, help="folder for compare.md, compare.csv, compare.png")
+
+    def run(self) -> int:
+        import time
+
+        from ..architectures import describe_blocks
+        from ..compare import run_comparison, write_comparison
+        from ..data import build_calibration_set
+        from ..errors import BlockCBOError
+        from ..hessian import HessianArtifact
+        from ..models import load_model, resolve_model
+        from ..pipeline import calibrate
+        from ..scorers import ScoringContext, available_scorers
+
+        args = self.args
+        start = time.perf_counter()
+        config = self.config()
+        if args.top_k is None:
+            config = config.replace(top_k=20)
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = sorted(set(methods) - set(available_scorers()))
+        if unknown:
+            raise BlockCBOError(f"unknown methods {unknown}; choose from {', '.join(available_scorers())}")
+        removes = parse_int_list(args.removes)
+        source = resolve_model(config.model, config.revision)
+        model, tokenizer = load_model(source, dtype=config.dtype)
+        progress = not args.no_progress
+        artifact = None
+        if "cbo" in methods:
+            if args.hessian:
+                artifact = HessianArtifact.load(args.hessian)
+                artifact.check_model(source.model_id, [b.name for b in describe_blocks(model)])
+            else:
+                artifact = calibrate(model, tokenizer, config, source, progress=progress)
+        calibration = build_calibration_set(
+            tokenizer, config.data, num_samples=config.num_samples, seq_len=config.seq_len, packing=config.packing
+        )
+
+        def held_out(data, default):
+            return build_calibration_set(
+                tokenizer, data or default, num_samples=args.eval_samples, seq_len=config.seq_len
+            )
+
+        validation = held_out(config.validation_data, "embedded:validation")
+        test = held_out(args.test_data, "embedded:test")
+        ctx = ScoringContext(
+            model,
+            calibration,
+            artifact,
+            config.top_k,
+            config.seed,
+            config.batch_size,
+            config.protected,
+            sleb_samples=args.sleb_samples,
+            progress=progress,
+        )
+        from pathlib import Path
+
+        from ..evaluation import read_multiple_choice
+
+        mc_tasks = {
+            Path(path).stem: read_multiple_choice(path, limit=args.mc_limit)
+            for path in (args.mc.split(",") if args.mc else [])
+        }
+        comparison = run_comparison(
+            ctx, methods, removes, validation, test, config.select, progress, tokenizer=tokenizer, mc_tasks=mc_tasks
+        )
+        written = write_comparison(comparison, args.output_dir, len(describe_blocks(model)))
+        print(comparison.markdown())
+        print(f"wall time {time.perf_counter() - start:.0f} s; wrote {', '.join(str(p) for p in written)}")
+        return 0

@@ -1,0 +1,212 @@
+"""Side-by-side comparison of CBO and the baselines on the same model and data: table, CSV and plots."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .data import CalibrationSet
+from .evaluation import multiple_choice_accuracy, perplexity
+from .io_utils import atomic_file
+from .scorers import ScoringContext, merged_copy, score
+from .selection import select_by_validation, spearman
+
+
+@dataclass
+class ComparisonRow:
+    method: str
+    num_remove: int
+    blocks: list[int]
+    energy: float
+    validation_ppl: float
+    test_ppl: float
+    seconds: float
+    note: str = ""
+    accuracy: dict[str, float] = field(default_factory=dict)  # multiple-choice task -> zero-shot accuracy
+
+
+@dataclass
+class Comparison:
+    rows: list[ComparisonRow]
+    baseline_validation_ppl: float
+    baseline_test_ppl: float
+    baseline_accuracy: dict[str, float] = field(default_factory=dict)
+    spectra: dict[int, list[tuple[float, float]]] = field(default_factory=dict)  # M -> [(energy, validation ppl)]
+
+    def spearman(self, num_remove: int) -> float:
+        points = self.spectra.get(num_remove, [])
+        return spearman([e for e, _ in points], [p for _, p in points])
+
+    def markdown(self) -> str:
+        tasks = sorted(self.baseline_accuracy)
+        base_acc = "".join(f", {t} accuracy {self.baseline_accuracy[t]:.3f}" for t in tasks)
+        lines = [
+            f"Unpruned: validation perplexity {self.baseline_validation_ppl:.2f}, test {self.baseline_test_ppl:.2f}"
+            f"{base_acc}.",
+            "",
+            "| M | method | blocks removed | CBO energy | validation ppl | test ppl |"
+            + "".join(f" {t} acc |" for t in tasks)
+            + " seconds | note |",
+            "| --- | --- | --- | --- | --- | --- |" + " --- |" * len(tasks) + " --- | --- |",
+        ]
+        for r in self.rows:
+            energy = "" if math.isnan(r.energy) else f"{r.energy:.4g}"
+            accs = "".join(f" {r.accuracy.get(t, float('nan')):.3f} |" for t in tasks)
+            lines.append(
+                f"| {r.num_remove} | {r.method} | {r.blocks} | {energy} | {r.validation_ppl:.2f} | {r.test_ppl:.2f} |"
+                f"{accs} {r.seconds:.1f} | {r.note} |"
+            )
+        if self.spectra:
+            lines.append("")
+            for m in sorted(self.spectra):
+                lines.append(
+                    f"- M = {m}: Spearman correlation of energy and validation perplexity over the "
+                    f"{len(self.spectra[m])} lowest CBO states: {self.spearman(m):.2f}"
+                )
+        return "\n".join(lines) + "\n"
+
+    def csv(self) -> str:
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(["num_remove", "method", "blocks", "energy", "validation_ppl", "test_ppl", "seconds", "note"])
+        for r in self.rows:
+            blocks = " ".join(map(str, r.blocks))
+            writer.writerow(
+                [r.num_remove, r.method, blocks, r.energy, r.validation_ppl, r.test_ppl, r.seconds, r.note]
+            )
+        return out.getvalue()
+
+
+def run_comparison(
+    ctx: ScoringContext,
+    methods: list[str],
+    removes: list[int],
+    validation: CalibrationSet,
+    test: CalibrationSet,
+    select: str = "validation",
+    progress: bool = True,
+    tokenizer=None,
+    mc_tasks: dict[str, list[dict]] | None = None,
+) -> Comparison:
+    """Every method × every M: choose blocks, then validation and test perplexity (gate-masked; swm on a merged copy),
+    and zero-shot accuracy on each multiple-choice task in ``mc_tasks`` (name → items)."""
+    model = ctx.model
+    mc_tasks = mc_tasks or {}
+    rows = []
+    spectra = {}
+    base_val = perplexity(model, validation, batch_size=ctx.batch_size)
+    base_test = perplexity(model, test, batch_size=ctx.batch_size)
+
+    def accuracy(target, removed=()):
+        return {
+            name: multiple_choice_accuracy(target, tokenizer, items, removed=removed)
+            for name, items in mc_tasks.items()
+        }
+
+    base_acc = accuracy(model)
+    for num_remove in removes:
+        for method in tqdm(methods, desc=f"compare M={num_remove}", disable=not progress):
+            start = time.perf_counter()
+            candidates = score(method, ctx, num_remove)
+            note = ""
+            if method == "cbo":
+                best, scored = select_by_validation(model, candidates, validation, ctx.batch_size, progress=False)
+                spectra[num_remove] = [(c.energy, c.score) for c in scored]
+                if select == "validation":
+                    chosen, note = best, f"state {best.rank} of {len(scored)} (validation)"
+                else:
+                    chosen, note = scored[0], "ground state"
+                ground = scored[0]
+                rows.append(
+                    ComparisonRow(
+                        "cbo (ground state)",
+                        num_remove,
+                        list(ground.blocks),
+                        ground.energy,
+                        ground.score,
+                        perplexity(model, test, ground.blocks, batch_size=ctx.batch_size),
+                        0.0,
+                        "rank 0",
+                        accuracy(model, ground.blocks),
+                    )
+                )
+                val = chosen.score
+            else:
+                chosen = candidates[0]
+                val = None
+            if method == "swm":
+                merged = merged_copy(model, chosen)
+                val = perplexity(merged, validation, batch_size=ctx.batch_size)
+                test_ppl = perplexity(merged, test, batch_size=ctx.batch_size)
+                accs = accuracy(merged)
+                note = f"window merged into block {chosen.blocks[0] - 1}"
+                del merged
+            else:
+                if val is None:
+                    val = perplexity(model, validation, chosen.blocks, batch_size=ctx.batch_size)
+                test_ppl = perplexity(model, test, chosen.blocks, batch_size=ctx.batch_size)
+                accs = accuracy(model, chosen.blocks)
+            seconds = time.perf_counter() - start
+            row = ComparisonRow(
+                method, num_remove, list(chosen.blocks), chosen.energy, val, test_ppl, seconds, note, accs
+            )
+            rows.append(row)
+    return Comparison(rows, base_val, base_test, base_acc, spectra)
+
+
+def write_comparison(comparison: Comparison, output_dir: str | os.PathLike, num_blocks: int) -> list[Path]:
+    """compare.md, compare.csv and the PNG plots into ``output_dir``; returns the written paths."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in (("compare.md", comparison.markdown()), ("compare.csv", comparison.csv())):
+        with atomic_file(output_dir / name) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+        written.append(output_dir / name)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return written
+    fig, (left, mid, right) = plt.subplots(1, 3, figsize=(17, 4.8))
+    methods = sorted({r.method for r in comparison.rows})
+    for method in methods:
+        points = sorted((r.num_remove, r.test_ppl) for r in comparison.rows if r.method == method)
+        left.plot([p[0] for p in points], [p[1] for p in points], "o-", label=method)
+    left.axhline(comparison.baseline_test_ppl, color="grey", ls=":", label="unpruned")
+    left.set_yscale("log")
+    left.set_xlabel("blocks removed")
+    left.set_ylabel("test perplexity")
+    left.legend(fontsize=7)
+    left.set_title("perplexity vs blocks removed")
+    for m, points in sorted(comparison.spectra.items()):
+        mid.scatter(
+            [e for e, _ in points], [p for _, p in points], s=12, label=f"M={m} (ρ={comparison.spearman(m):.2f})"
+        )
+    mid.set_xlabel("energy xᵀHx")
+    mid.set_ylabel("validation perplexity")
+    mid.set_yscale("log")
+    mid.legend(fontsize=7)
+    mid.set_title("CBO spectrum: energy vs perplexity")
+    cbo = [r for r in comparison.rows if r.method == "cbo"]
+    grid = [[1.0 if b in r.blocks else 0.0 for b in range(num_blocks)] for r in comparison.rows]
+    right.imshow(grid, aspect="auto", cmap="Greys", interpolation="nearest", vmin=0, vmax=1)
+    right.set_yticks(range(len(comparison.rows)))
+    right.set_yticklabels([f"{r.method} M={r.num_remove}" for r in comparison.rows], fontsize=6)
+    right.set_xlabel("block")
+    right.set_title(f"blocks removed by each method ({len(cbo)} CBO rows)")
+    fig.tight_layout()
+    with atomic_file(output_dir / "compare.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    written.append(output_dir / "compare.png")
+    return written

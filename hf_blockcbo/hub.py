@@ -1,0 +1,192 @@
+"""Publishing: model cards generated from the provenance, and atomic pushes of pruned models and Hessian artifacts.
+
+A push is one commit (model, tokenizer, card, provenance and optionally the Hessian artifact), so a failure leaves the
+repository as it was; a repository created by a push that then fails is deleted again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+from pathlib import Path
+
+from .errors import BlockCBOError
+from .removal import PROVENANCE_FILE
+
+
+HESSIAN_FILE = "hessian.safetensors"
+TAGS = ["pruned", "depth-pruning", "hf-blockcbo"]
+_KNOWN_LICENSES = {"HuggingFaceTB/SmolLM2-135M-Instruct": "apache-2.0"}
+
+
+def read_provenance(model_dir: str | os.PathLike) -> dict:
+    path = Path(model_dir) / PROVENANCE_FILE
+    if not path.is_file():
+        raise BlockCBOError(f"{str(model_dir)!r} has no {PROVENANCE_FILE}; it was not written by hf-blockcbo prune")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _block_map(num_blocks: int, removed: list[int]) -> str:
+    marks = "".join("█" if i in removed else "·" for i in range(num_blocks))
+    ruler = "".join(str(i // 10) if i % 10 == 0 else " " for i in range(num_blocks))
+    return f"{ruler}\n{marks}"
+
+
+def _evaluations(provenance: dict) -> list[dict]:
+    rows = []
+    if provenance.get("validation_perplexity") is not None:
+        rows.append({"name": "perplexity", "dataset": "validation", "value": provenance["validation_perplexity"]})
+    for name, value in (provenance.get("evaluations") or {}).items():
+        dataset, _, metric = name.partition("/")
+        rows.append({"name": metric or "value", "dataset": dataset, "value": float(value)})
+    return rows
+
+
+def model_card(model_dir: str | os.PathLike, repo_id: str, license: str | None = None):
+    """A `huggingface_hub.ModelCard` for the pruned model in ``model_dir``, filled from its provenance."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    provenance = read_provenance(model_dir)
+    base = provenance.get("base_model")
+    healed = bool(provenance.get("healing"))
+    calibration = provenance.get("calibration") or {}
+    evaluations = _evaluations(provenance)
+    dataset = calibration.get("dataset")
+    eval_results = [
+        EvalResult(
+            task_type="text-generation",
+            dataset_type=e["dataset"],
+            dataset_name=e["dataset"],
+            metric_type=e["name"],
+            metric_value=e["value"],
+        )
+        for e in evaluations
+    ]
+    card_data = ModelCardData(
+        base_model=base,
+        base_model_relation="finetune" if healed else None,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=TAGS,
+        license=license or _KNOWN_LICENSES.get(base or ""),
+        datasets=[dataset] if dataset and "/" in dataset else None,
+        model_name=repo_id.split("/")[-1],
+        eval_results=eval_results or None,
+    )
+    before, after = provenance["num_parameters_before"], provenance["num_parameters_after"]
+    template = resources.files("hf_blockcbo.templates").joinpath("model_card.md").read_text(encoding="utf-8")
+    return ModelCard.from_template(
+        card_data,
+        template_str=template,
+        repo_id=repo_id,
+        base_model=base,
+        healed=healed,
+        removed=provenance["removed_blocks"],
+        num_blocks_before=provenance["num_blocks_before"],
+        num_blocks_after=provenance["num_blocks_after"],
+        params_before=before,
+        params_after=after,
+        reduction=100 * (1 - after / before),
+        scorer=provenance.get("scorer", "cbo"),
+        selection=provenance.get("selection", ""),
+        energy=provenance.get("energy"),
+        rank=provenance.get("rank"),
+        merged_into=provenance.get("merged_into"),
+        spectrum=provenance.get("spectrum") or [],
+        block_map=_block_map(provenance["num_blocks_before"], provenance["removed_blocks"]),
+        evaluations=evaluations,
+        calibration=calibration,
+        solver=provenance.get("solver"),
+        config_json=json.dumps(provenance.get("config", {}), indent=2, sort_keys=True),
+    )
+
+
+def _commit_atomically(api, repo_id: str, operations, private: bool, revision: str | None, message: str) -> str:
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        api.repo_info(repo_id)
+        existed = True
+    except RepositoryNotFoundError:
+        existed = False
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    if revision:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    try:
+        info = api.create_commit(repo_id, operations=operations, commit_message=message, revision=revision)
+    except Exception:
+        if not existed:
+            api.delete_repo(repo_id, missing_ok=True)
+        raise
+    return info.commit_url
+
+
+def push_model(
+    model_dir: str | os.PathLike,
+    repo_id: str,
+    private: bool = False,
+    revision: str | None = None,
+    token: str | None = None,
+    hessian: str | os.PathLike | None = None,
+    license: str | None = None,
+    message: str | None = None,
+) -> str:
+    """Upload a pruned folder with a generated card (and optionally its Hessian artifact) in one commit."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    model_dir = Path(model_dir)
+    provenance = read_provenance(model_dir)
+    card = model_card(model_dir, repo_id, license=license)
+    operations = [
+        CommitOperationAdd(path_in_repo=str(p.relative_to(model_dir)), path_or_fileobj=str(p))
+        for p in sorted(model_dir.rglob("*"))
+        if p.is_file() and p.name != "README.md" and not p.name.startswith(".")
+    ]
+    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode("utf-8")))
+    if hessian is not None:
+        operations.append(CommitOperationAdd(path_in_repo=HESSIAN_FILE, path_or_fileobj=str(hessian)))
+    removed = provenance["removed_blocks"]
+    message = (
+        message or f"Upload {provenance['num_blocks_after']}-block model (removed blocks {removed}) with hf_blockcbo"
+    )
+    return _commit_atomically(HfApi(token=token), repo_id, operations, private, revision, message)
+
+
+def push_hessian(
+    artifact_path: str | os.PathLike,
+    repo_id: str,
+    config=None,
+    private: bool = False,
+    revision: str | None = None,
+    token: str | None = None,
+) -> str:
+    """Upload a Hessian artifact (+ the BlockRemovalConfig that made it) so anyone can re-solve for another M."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    from .config import CONFIG_NAME
+
+    operations = [CommitOperationAdd(path_in_repo=HESSIAN_FILE, path_or_fileobj=str(artifact_path))]
+    if config is not None:
+        payload = json.dumps(config.to_dict(), indent=2, sort_keys=True).encode("utf-8")
+        operations.append(CommitOperationAdd(path_in_repo=CONFIG_NAME, path_or_fileobj=payload))
+    return _commit_atomically(HfApi(token=token), repo_id, operations, private, revision, "Upload hf_blockcbo Hessian")
+
+
+def load_hessian(path_or_repo: str, revision: str | None = None, token: str | None = None):
+    """A Hessian artifact from a local file or folder, or from a Hub repository holding `hessian.safetensors`."""
+    from .hessian import HessianArtifact
+
+    path = Path(path_or_repo)
+    if path.is_file():
+        return HessianArtifact.load(path)
+    if path.is_dir():
+        return HessianArtifact.load(path / HESSIAN_FILE)
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        local = hf_hub_download(path_or_repo, HESSIAN_FILE, revision=revision, token=token)
+    except (RepositoryNotFoundError, EntryNotFoundError) as err:
+        raise BlockCBOError(f"no {HESSIAN_FILE} in {path_or_repo!r} (local path or Hub repository)") from err
+    return HessianArtifact.load(local)

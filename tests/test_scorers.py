@@ -1,0 +1,110 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hf_blockcbo.calibration import compute_gate_gradients
+from hf_blockcbo.data import build_calibration_set
+from hf_blockcbo.errors import BlockCBOError
+from hf_blockcbo.evaluation import multiple_choice_accuracy, perplexity, read_multiple_choice
+from hf_blockcbo.hessian import HessianArtifact
+from hf_blockcbo.removal import remove_blocks
+from hf_blockcbo.scorers import ScoringContext, available_scorers, merged_copy, score
+from hf_blockcbo.selection import select_by_validation, spearman
+
+from .conftest import make_model, tiny_llama_config
+
+
+@pytest.fixture
+def setup(tokenizer):
+    model = make_model(tiny_llama_config(vocab_size=len(tokenizer)))
+    calibration = build_calibration_set(tokenizer, None, num_samples=6, seq_len=24)
+    A, _ = compute_gate_gradients(model, calibration, batch_size=3, progress=False)
+    artifact = HessianArtifact(A=A, block_names=[str(i) for i in range(6)], block_kinds=["attention"] * 6)
+    validation = build_calibration_set(tokenizer, "embedded:validation", num_samples=4, seq_len=24)
+    ctx = ScoringContext(model, calibration, artifact, top_k=5, seed=3, batch_size=3, sleb_samples=4)
+    return model, ctx, validation
+
+
+def test_registry_holds_every_method():
+    assert set(available_scorers()) == {"cbo", "bi", "angular", "norm_ratio", "sleb", "swm", "random"}
+
+
+@pytest.mark.parametrize("method", ["cbo", "bi", "angular", "norm_ratio", "sleb", "swm", "random"])
+def test_every_scorer_returns_the_right_shape_deterministically(setup, method):
+    _, ctx, _ = setup
+    first = score(method, ctx, 2)
+    again = score(method, ScoringContext(**{**ctx.__dict__, "_stats": None}), 2)
+    assert [c.blocks for c in first] == [c.blocks for c in again]
+    for c in first:
+        assert len(c.blocks) == 2 and list(c.blocks) == sorted(set(c.blocks)) and all(0 <= b < 6 for b in c.blocks)
+        assert math.isfinite(c.energy), "every method is placed on the CBO energy axis"
+    assert len(first) == (5 if method == "cbo" else 1)
+    if method in ("angular", "swm"):
+        assert first[0].blocks[1] == first[0].blocks[0] + 1, "contiguous run"
+
+
+def test_block_influence_removes_the_most_similar_blocks(setup):
+    _, ctx, _ = setup
+    bi = ctx.stats()["block_influence"]
+    assert score("bi", ctx, 2)[0].blocks == tuple(sorted(np.argsort(bi)[:2]))
+    assert ctx.stats()["angular"].shape == (7, 7)
+
+
+def test_protected_blocks_are_respected_by_baselines(setup):
+    _, ctx, _ = setup
+    ctx.protected = [0, 1, 2]
+    for method in ("bi", "norm_ratio", "random", "sleb", "angular"):
+        assert not {0, 1, 2} & set(score(method, ctx, 2)[0].blocks)
+
+
+def test_selection_picks_the_argmin_of_validation_perplexity(setup):
+    model, ctx, validation = setup
+    candidates = score("cbo", ctx, 2)
+    best, scored = select_by_validation(model, candidates, validation, batch_size=2, progress=False)
+    assert best.score == min(c.score for c in scored)
+    assert [c.blocks for c in scored] == [c.blocks for c in candidates]
+
+
+def test_gate_masked_evaluation_equals_the_pruned_model(setup):
+    model, ctx, validation = setup
+    masked = perplexity(model, validation, [1, 4], batch_size=2)
+    pruned = remove_blocks(model, [1, 4])
+    assert masked == pytest.approx(perplexity(pruned, validation, batch_size=2), rel=1e-5)
+
+
+def test_swm_merges_the_window_into_its_first_block(setup):
+    model, ctx, validation = setup
+    candidate = score("swm", ctx, 2)[0]
+    target = candidate.blocks[0] - 1
+    before = {n: p.clone() for n, p in model.model.layers[target].named_parameters()}
+    merged = merged_copy(model, candidate)
+    assert merged.config.num_hidden_layers == 4
+    name = "mlp.down_proj.weight"
+    expected = before[name] + sum(
+        dict(model.model.layers[k].named_parameters())[name] - before[name] for k in candidate.blocks
+    )
+    torch.testing.assert_close(dict(merged.model.layers[target].named_parameters())[name], expected)
+    assert torch.equal(model.model.layers[target].mlp.down_proj.weight, before[name]), "the original is untouched"
+
+
+def test_multiple_choice_reader_and_accuracy(setup, tokenizer, tmp_path):
+    model, _, _ = setup
+    path = tmp_path / "mc.jsonl"
+    path.write_text(
+        '{"question": "The sky is", "choices": ["blue.", "green."], "labels": ["A", "B"], "answer": "A"}\n'
+        '{"question": "ok", "passage": "Text.", "answer": "yes"}\n'
+    )
+    items = read_multiple_choice(path)
+    assert items[0]["answer_index"] == 0 and items[1]["choices"] == ["no", "yes"] and items[1]["answer_index"] == 1
+    accuracy = multiple_choice_accuracy(model, tokenizer, items)
+    assert accuracy in (0.0, 0.5, 1.0)
+
+
+def test_spearman_and_bad_method(setup):
+    _, ctx, _ = setup
+    assert spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    with pytest.raises(BlockCBOError, match="unknown method"):
+        score("magic", ctx, 2)
