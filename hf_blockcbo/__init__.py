@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "BlockCBOError": "errors",
     "BlockGates": "gates",
+    "BlockRemovalCallback": "callback",
     "BlockRemovalConfig": "config",
     "BlockRemover": "api",
     "CalibrationSet": "data",
@@ -31,6 +32,7 @@ _EXPORTS = {
 __all__ = [
     "BlockCBOError",
     "BlockGates",
+    "BlockRemovalCallback",
     "BlockRemovalConfig",
     "BlockRemover",
     "CalibrationSet",
@@ -55,6 +57,7 @@ def __getattr__(name: str):
 if TYPE_CHECKING:  # pragma: no cover
     from .api import BlockRemover
     from .calibration import compute_gate_gradients
+    from .callback import BlockRemovalCallback
     from .config import BlockRemovalConfig
     from .data import CalibrationSet, build_calibration_set
     from .errors import BlockCBOError

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 
 import torch
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 from .data import CalibrationSet
 from .errors import BlockCBOError
 from .gates import BlockGates
+from .resume import PartialRows
 
 
 logger = logging.getLogger(__name__)
@@ -94,6 +96,9 @@ def compute_gate_gradients(
     gate: str = "auto",
     progress: bool = True,
     block_names: list[str] | None = None,
+    checkpoint: PartialRows | None = None,
+    checkpoint_every: int = 0,
+    first_index: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample gate gradients A (``[m, N]`` float32) and per-sample losses at α = 1 (``[m]``).
 
@@ -102,20 +107,40 @@ def compute_gate_gradients(
         calibration (`CalibrationSet`): tokenised samples.
         batch_size (`int`, defaults to 8): samples per forward/backward.
         gate (`str`, defaults to `"auto"`): gate kind, see :class:`~hf_blockcbo.gates.BlockGates`.
+        checkpoint (`PartialRows`, *optional*): where rows done so far are kept; rows found there are not recomputed.
+        checkpoint_every (`int`, defaults to 0): write the checkpoint every this many batches (0: never).
+        first_index (`int`): index of the first sample in the whole calibration set (for error messages).
     """
     if len(calibration) == 0:
         raise BlockCBOError("the calibration set is empty; give at least one sample")
     if batch_size <= 0:
         raise BlockCBOError(f"--batch-size must be positive, got {batch_size}")
     rows, losses = [], []
+    done = 0
+    resumed = checkpoint.load() if checkpoint is not None else None
+    if resumed is not None:
+        rows, losses = [resumed[0]], [resumed[1]]
+        done = resumed[0].shape[0]
+        logger.warning("resuming the Hessian pass: %d of %d samples already done", done, len(calibration))
+    remaining = CalibrationSet(calibration.input_ids[done:], calibration.attention_mask[done:], calibration.source)
     with frozen_eval(model), BlockGates(model, gate=gate) as gates:
         names = block_names or [f"block {i}" for i in range(gates.num_blocks)]
-        bar = tqdm(total=len(calibration), desc="Hessian pass", unit="sample", disable=not progress)
-        for start, ids, mask in calibration.batches(batch_size):
+        bar = tqdm(total=len(calibration), initial=done, desc="Hessian pass", unit="sample", disable=not progress)
+        for batch_no, (start, ids, mask) in enumerate(remaining.batches(batch_size), start=1):
             grad, loss = gate_gradients_for_batch(model, gates, ids, mask)
-            _check_finite(grad, start, names)
+            _check_finite(grad, first_index + done + start, names)
             rows.append(grad.cpu())
             losses.append(loss.cpu())
             bar.update(ids.shape[0])
+            if checkpoint is not None and checkpoint_every and batch_no % checkpoint_every == 0:
+                checkpoint.save(torch.cat(rows), torch.cat(losses))
+                _test_abort_hook(batch_no)
         bar.close()
     return torch.cat(rows), torch.cat(losses)
+
+
+def _test_abort_hook(batch_no: int) -> None:
+    """Tests simulate a kill (no cleanup, like SIGKILL) right after a checkpoint with HF_BLOCKCBO_ABORT_AFTER_BATCHES."""
+    limit = os.environ.get("HF_BLOCKCBO_ABORT_AFTER_BATCHES")
+    if limit and batch_no >= int(limit):
+        os._exit(137)

@@ -35,8 +35,18 @@ def _block_map(num_blocks: int, removed: list[int]) -> str:
 
 def _evaluations(provenance: dict) -> list[dict]:
     rows = []
+    dataset = provenance.get("validation_data") or "validation"
     if provenance.get("validation_perplexity") is not None:
-        rows.append({"name": "perplexity", "dataset": "validation", "value": provenance["validation_perplexity"]})
+        rows.append({"name": "perplexity", "dataset": dataset, "value": provenance["validation_perplexity"]})
+    if provenance.get("validation_perplexity_unpruned") is not None:
+        rows.append(
+            {
+                "name": "perplexity (unpruned base)",
+                "dataset": dataset,
+                "value": provenance["validation_perplexity_unpruned"],
+                "card_only": True,
+            }
+        )
     for name, value in (provenance.get("evaluations") or {}).items():
         dataset, _, metric = name.partition("/")
         rows.append({"name": metric or "value", "dataset": dataset, "value": float(value)})
@@ -62,6 +72,7 @@ def model_card(model_dir: str | os.PathLike, repo_id: str, license: str | None =
             metric_value=e["value"],
         )
         for e in evaluations
+        if not e.get("card_only")
     ]
     card_data = ModelCardData(
         base_model=base,
@@ -80,6 +91,7 @@ def model_card(model_dir: str | os.PathLike, repo_id: str, license: str | None =
         card_data,
         template_str=template,
         repo_id=repo_id,
+        model_name=repo_id.split("/")[-1],
         base_model=base,
         healed=healed,
         removed=provenance["removed_blocks"],

@@ -108,8 +108,20 @@ def resolve_model(model_id: str | None, revision: str | None = None) -> ModelSou
     return ModelSource(model_id=model_id, revision=revision, base_model=model_id, path=model_id)
 
 
-def load_model(source: ModelSource, dtype: str = "auto", device_map: str | None = None):
-    """(model, tokenizer) for ``source``, in eval mode."""
+def load_model(
+    source: ModelSource,
+    dtype: str = "auto",
+    device_map: str | dict | None = None,
+    gradient_checkpointing: bool = False,
+):
+    """(model, tokenizer) for ``source``, in eval mode.
+
+    Args:
+        device_map (`str` or `dict`, *optional*): Accelerate big-model dispatch (e.g. `"auto"`) for models larger
+            than one device; the backward of the Hessian pass runs across devices. Disk offload is refused: weights
+            on disk cannot take part in a backward pass.
+        gradient_checkpointing (`bool`): recompute activations in the backward to cut activation memory.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"revision": source.revision} if source.revision else {}
@@ -118,5 +130,15 @@ def load_model(source: ModelSource, dtype: str = "auto", device_map: str | None 
         tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
     except OSError as err:
         raise BlockCBOError(f"cannot load the model {source.model_id!r}: {err}") from err
+    placement = getattr(model, "hf_device_map", None) or {}
+    offloaded = sorted(name for name, device in placement.items() if device == "disk")
+    if offloaded:
+        raise BlockCBOError(
+            f"the device map offloads {len(offloaded)} modules to disk (e.g. {offloaded[0]!r}); the Hessian pass "
+            "needs a backward through every block: give the CPU more room (max_memory), use more GPUs, or FSDP"
+        )
+    if gradient_checkpointing:
+        # non-reentrant: gradients must reach the gates although no weight or input requires grad
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.eval()
     return model, tokenizer

@@ -18,7 +18,7 @@ from torch import nn
 from .architectures import count_parameters, describe_blocks, get_architecture
 from .calibration import compute_gate_gradients
 from .config import BlockRemovalConfig
-from .data import build_calibration_set
+from .data import CalibrationSet, build_calibration_set
 from .errors import BlockCBOError
 from .gates import resolve_gate_kind
 from .hessian import HessianArtifact
@@ -31,10 +31,23 @@ logger = logging.getLogger(__name__)
 
 
 def calibrate(
-    model: nn.Module, tokenizer, config: BlockRemovalConfig, source: ModelSource, progress: bool = True
+    model: nn.Module,
+    tokenizer,
+    config: BlockRemovalConfig,
+    source: ModelSource,
+    progress: bool = True,
+    output: str | os.PathLike | None = None,
+    checkpoint_every: int = 0,
 ) -> HessianArtifact:
-    """Run the Hessian pass of ``config`` over ``model`` and return the artifact."""
+    """Run the Hessian pass of ``config`` over ``model`` and return the artifact.
+
+    Under `accelerate launch` each process computes a shard of the samples and every process returns the full
+    artifact (rows gathered by sample index). With ``output`` and ``checkpoint_every``, rows done so far are
+    checkpointed beside ``output`` and a rerun of the same command resumes from them.
+    """
     from . import __version__
+    from .distributed import check_agreement, gather_rows, process_state, shard_bounds
+    from .resume import PartialRows, fingerprint, partial_path
 
     spec = get_architecture(model)
     gate = resolve_gate_kind(spec, config.gate)
@@ -42,17 +55,44 @@ def calibrate(
     calibration = build_calibration_set(
         tokenizer, config.data, num_samples=config.num_samples, seq_len=config.seq_len, packing=config.packing
     )
-    start = time.perf_counter()
+    rank, world, is_main, _ = process_state()
+    dtype = str(next(model.parameters()).dtype)
+    key = fingerprint(
+        model=source.model_id,
+        revision=source.revision,
+        blocks=[b.name for b in blocks],
+        parameters=count_parameters(model),
+        data=calibration.fingerprint,
+        gate=gate,
+        dtype=dtype,
+        batch_size=config.batch_size,
+        world=world,
+    )
+    if world > 1:
+        check_agreement(key, "model, data or settings")
+    start, stop = shard_bounds(len(calibration), rank, world)
+    shard = CalibrationSet(
+        calibration.input_ids[start:stop], calibration.attention_mask[start:stop], calibration.source
+    )
+    checkpoint = None
+    if output is not None and checkpoint_every > 0:
+        checkpoint = PartialRows(partial_path(output, rank, world), fingerprint(key=key, start=start, stop=stop))
+    began = time.perf_counter()
     A, losses = compute_gate_gradients(
         model,
-        calibration,
+        shard,
         batch_size=config.batch_size,
         gate=gate,
-        progress=progress,
+        progress=progress and is_main,
         block_names=[b.name for b in blocks],
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
+        first_index=start,
     )
-    seconds = time.perf_counter() - start
-    return HessianArtifact(
+    if world > 1:
+        A, losses = gather_rows(start, A, losses)
+    seconds = time.perf_counter() - began
+    artifact = HessianArtifact(
         A=A,
         block_names=[b.name for b in blocks],
         block_kinds=[b.kind for b in blocks],
@@ -68,11 +108,14 @@ def calibrate(
             "num_samples": str(len(calibration)),
             "seq_len": str(calibration.seq_len),
             "gate": gate,
+            "dtype": dtype,
             "num_parameters": str(count_parameters(model)),
+            "num_processes": str(world),
             "seconds": f"{seconds:.3f}",
             "package_version": __version__,
         },
     )
+    return artifact
 
 
 def solve_artifact(artifact: HessianArtifact, config: BlockRemovalConfig) -> SolveResult:
@@ -137,6 +180,8 @@ class Selection:
     merge_into: int | None = None  # sliding-window merging: the block that absorbs the removed ones
     validation_ppl: float | None = None
     spectrum: list[dict] | None = None  # every candidate considered, with energy and validation perplexity
+    validation_data: str | None = None
+    validation_ppl_unpruned: float | None = None
 
 
 def _explicit_selection(config: BlockRemovalConfig, candidates_file: str | None) -> Selection | None:
@@ -162,6 +207,7 @@ def choose_blocks(
     progress: bool = True,
 ) -> tuple[Selection, HessianArtifact | None]:
     """Decide which blocks go: explicit blocks, a candidates file, CBO (+ validation selection) or a baseline scorer."""
+    from .evaluation import perplexity
     from .scorers import ScoringContext, score
     from .selection import select_by_validation
 
@@ -216,20 +262,22 @@ def choose_blocks(
         )
         chosen, candidates = select_by_validation(model, candidates, validation, config.batch_size, progress=progress)
         how = f"validation perplexity over the {len(candidates)} lowest states ({validation.source})"
-    return (
-        Selection(
-            list(chosen.blocks),
-            how,
-            chosen.energy,
-            chosen.rank,
-            solver,
-            "cbo",
-            None,
-            chosen.score,
-            [c.to_dict() for c in candidates],
-        ),
-        artifact,
+        unpruned = perplexity(model, validation, batch_size=config.batch_size)
+    selection = Selection(
+        list(chosen.blocks),
+        how,
+        chosen.energy,
+        chosen.rank,
+        solver,
+        "cbo",
+        None,
+        chosen.score,
+        [c.to_dict() for c in candidates],
     )
+    if chosen.score is not None:
+        selection.validation_data = validation.source
+        selection.validation_ppl_unpruned = unpruned
+    return selection, artifact
 
 
 def prune_and_save(
@@ -261,6 +309,8 @@ def prune_and_save(
         "energy": selection.energy,
         "rank": selection.rank,
         "validation_perplexity": selection.validation_ppl,
+        "validation_data": selection.validation_data,
+        "validation_perplexity_unpruned": selection.validation_ppl_unpruned,
         "merged_into": selection.merge_into,
         "solver": selection.solver,
         "spectrum": selection.spectrum,

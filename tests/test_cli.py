@@ -250,3 +250,14 @@ def test_compare_writes_table_csv_and_plot(tiny_model_dir, tmp_path, capsys):
     assert "Spearman" in table and "mc acc" in table
     assert len((out / "compare.csv").read_text().splitlines()) == 1 + 2 * 8
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_every_command_is_also_an_optimum_cli_subcommand():
+    import shutil
+
+    exe = shutil.which("optimum-cli")
+    assert exe, "optimum is a dependency: optimum-cli must be installed"
+    out = subprocess.run([exe, "blockcbo", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for name in ("calibrate", "solve", "prune", "compare", "push"):
+        assert name in out.stdout, f"{name} missing: is hf_blockcbo installed non-editable (pip install .)?"

@@ -25,7 +25,9 @@ def hub(monkeypatch, tmp_path):
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
         monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
         monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(
+            constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}"
+        )
         yield server
 
 
@@ -43,7 +45,10 @@ def pruned(tiny_model_dir, tmp_path):
 
 def test_push_then_download_and_load_with_plain_transformers(hub, pruned, tmp_path):
     out, art = pruned
-    assert main(["push", "--model", str(out), "--repo", "tester/tiny-pruned", "--hessian", str(art), "--license", "mit"]) == 0
+    assert (
+        main(["push", "--model", str(out), "--repo", "tester/tiny-pruned", "--hessian", str(art), "--license", "mit"])
+        == 0
+    )
     files = hub.repos["tester/tiny-pruned"].branches["main"]
     assert {"config.json", "model.safetensors", "tokenizer.json", "block_removal.json", "README.md"} <= set(files)
     assert "hessian.safetensors" in files
@@ -112,8 +117,24 @@ def test_hessian_and_config_round_trip_through_the_hub(hub, pruned, tiny_model_d
     config.push_to_hub("tester/config-only")
     assert BlockRemovalConfig.from_pretrained("tester/config-only").num_remove == 3
     out = tmp_path / "again"
-    assert main(["prune", "--model", str(tiny_model_dir), "--remove", "3", "--hessian", str(art), "--select", "energy",
-                 "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                "--model",
+                str(tiny_model_dir),
+                "--remove",
+                "3",
+                "--hessian",
+                str(art),
+                "--select",
+                "energy",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
 
 
 def test_block_remover_api_and_transformers_push_to_hub(hub, tiny_model_dir, tmp_path):

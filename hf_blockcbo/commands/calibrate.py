@@ -1,4 +1,4 @@
-"""`hf-blockcbo calibrate`: the Hessian pass, written as one safetensors artifact."""
+"""`hf-blockcbo calibrate`: the Hessian pass, written as one safetensors artifact (Accelerate-distributed, resumable)."""
 
 from __future__ import annotations
 
@@ -15,18 +15,38 @@ class CalibrateCommand(BaseCommand):
         add_model_args(parser)
         add_calibration_args(parser)
         parser.add_argument("--output", required=True, help="path of the artifact (e.g. hessian.safetensors)")
+        scale = parser.add_argument_group("scale")
+        scale.add_argument("--checkpoint-every", type=int, default=10, help="checkpoint rows every N batches (0: off)")
+        scale.add_argument(
+            "--device-map", help="Accelerate big-model dispatch, e.g. auto (models larger than a device)"
+        )
+        scale.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
 
     def run(self) -> int:
+        from ..distributed import process_state
         from ..models import load_model, resolve_model
         from ..pipeline import calibrate
+        from ..resume import remove_partials
 
+        args = self.args
         config = self.config()
-        source = resolve_model(config.model, config.revision)
-        model, tokenizer = load_model(source, dtype=config.dtype)
-        artifact = calibrate(model, tokenizer, config, source, progress=not self.args.no_progress)
-        artifact.save(self.args.output)
-        print(
-            f"Hessian artifact: {self.args.output} ({artifact.num_samples} samples × {artifact.num_blocks} blocks, "
-            f"{artifact.metadata['seconds']} s)"
+        _, world, is_main, state = process_state()
+        source = resolve_model(config.model, config.revision) if is_main else None
+        state.wait_for_everyone()  # the main process converts a GGUF once; the others read the cache
+        source = source or resolve_model(config.model, config.revision)
+        model, tokenizer = load_model(source, config.dtype, args.device_map, args.gradient_checkpointing)
+        if args.device_map is None:
+            model.to(state.device)
+        artifact = calibrate(
+            model, tokenizer, config, source, not args.no_progress, args.output, args.checkpoint_every
         )
+        if is_main:
+            artifact.save(args.output)
+        state.wait_for_everyone()
+        if is_main:
+            remove_partials(args.output)
+            print(
+                f"Hessian artifact: {args.output} ({artifact.num_samples} samples × {artifact.num_blocks} blocks, "
+                f"{world} process{'es' if world > 1 else ''}, {artifact.metadata['seconds']} s)"
+            )
         return 0

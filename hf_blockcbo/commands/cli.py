@@ -8,12 +8,20 @@ from argparse import ArgumentParser
 from .base import BaseCommand
 from .calibrate import CalibrateCommand
 from .compare import CompareCommand
+from .heal import HealCommand
 from .prune import PruneCommand
 from .push import PushCommand
 from .solve import SolveCommand
 
 
-COMMANDS: list[type[BaseCommand]] = [CalibrateCommand, SolveCommand, PruneCommand, CompareCommand, PushCommand]
+COMMANDS: list[type[BaseCommand]] = [
+    CalibrateCommand,
+    SolveCommand,
+    PruneCommand,
+    CompareCommand,
+    HealCommand,
+    PushCommand,
+]
 
 
 def build_parser(prog: str = "hf-blockcbo") -> ArgumentParser:

@@ -12,6 +12,7 @@ from .base import (
     add_selection_args,
     add_solver_args,
 )
+from .heal import add_heal_args, heal_config
 
 
 class PruneCommand(BaseCommand):
@@ -34,6 +35,8 @@ class PruneCommand(BaseCommand):
         pick.add_argument("--rank", type=int, help="take this state of the spectrum (0 = ground state), no selection")
         parser.add_argument("--output", required=True, help="folder for the pruned model")
         parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+        parser.add_argument("--heal", action="store_true", help="then heal by distillation from the unpruned model")
+        add_heal_args(parser)
         hub = parser.add_argument_group("hub")
         hub.add_argument("--push-to-hub", help="also upload the result to this Hub repository (user/name)")
         hub.add_argument("--private", action="store_true", help="create the Hub repository private")
@@ -60,7 +63,8 @@ class PruneCommand(BaseCommand):
         )
         if args.save_hessian and artifact is not None:
             artifact.save(args.save_hessian)
-        summary = prune_and_save(model, tokenizer, selection, args.output, source, config, artifact, args.overwrite)
+        target = f"{args.output}.pruned" if args.heal else args.output
+        summary = prune_and_save(model, tokenizer, selection, target, source, config, artifact, args.overwrite)
         before, after = summary["num_parameters_before"], summary["num_parameters_after"]
         energy = "" if selection.energy is None else f", energy {selection.energy:.6g}"
         rank = "" if selection.rank is None else f" (state {selection.rank})"
@@ -70,6 +74,27 @@ class PruneCommand(BaseCommand):
             f"{summary['num_blocks_before']} → {summary['num_blocks_after']} blocks, {before / 1e6:.1f}M → "
             f"{after / 1e6:.1f}M parameters ({100 * (1 - after / before):.1f}% fewer). Saved to {args.output}"
         )
+        if args.heal:
+            import shutil
+
+            from ..healing import heal
+
+            del model
+            report = heal(
+                target,
+                source.model_id,
+                args.heal_data,
+                args.output,
+                heal_config(args, args.output),
+                args.eval_data,
+                teacher_4bit=args.teacher_4bit,
+                overwrite=args.overwrite,
+            )
+            shutil.rmtree(target, ignore_errors=True)
+            print(
+                f"Healed in {report['steps']} steps: validation perplexity "
+                f"{report['validation_perplexity_before']:.2f} → {report['validation_perplexity_after']:.2f}"
+            )
         if args.push_to_hub:
             from ..hub import push_model
 

@@ -1,0 +1,249 @@
+"""Healing: knowledge distillation from the unpruned teacher into the pruned student, built on TRL's SFTTrainer.
+
+The loss is the forward KL between the teacher's and the student's next-token distributions at temperature T
+(scaled by T²), optionally mixed with the cross-entropy on the data (``alpha_ce``), over the tokens the collator marks
+as targets: every token for text, only the assistant's for chat when ``assistant_only_loss`` is set. TRL does the
+data handling (text or chat templates, truncation), Accelerate integration, checkpoints and resume; only the loss is
+ours. Defaults follow the paper (lr 2e-5, cosine, warm-up 100 steps, weight decay 1e-4, clip 1.0, max length 1024,
+one epoch), with the warm-up cut to a tenth of the run when the run is short.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from .errors import BlockCBOError
+from .io_utils import atomic_dir, check_output_dir
+from .removal import PROVENANCE_FILE
+
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class HealConfig(SFTConfig):
+    """`trl.SFTConfig` with the paper's distillation defaults and the distillation knobs."""
+
+    learning_rate: float = field(default=2e-5, metadata={"help": "Paper: 2e-5."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Paper: cosine."})
+    warmup_steps: int = field(default=100, metadata={"help": "Paper: 100 (cut to 10% of short runs)."})
+    weight_decay: float = field(default=1e-4, metadata={"help": "Paper: 1e-4."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Paper: 1.0."})
+    max_length: int | None = field(default=1024, metadata={"help": "Paper: 1024 tokens."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Paper: one epoch."})
+    temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the distillation KL."})
+    alpha_ce: float = field(default=0.0, metadata={"help": "Weight of the data cross-entropy (1 − weight on the KL)."})
+    report_to: list[str] | str | None = field(default="none", metadata={"help": "Loggers (default none)."})
+
+    def __post_init__(self):
+        if not 0.0 <= self.alpha_ce <= 1.0:
+            raise BlockCBOError(f"alpha_ce must be in [0, 1], got {self.alpha_ce}")
+        if self.temperature <= 0:
+            raise BlockCBOError(f"temperature must be positive, got {self.temperature}")
+        if 0 < self.max_steps < 10 * self.warmup_steps:
+            self.warmup_steps = max(1, self.max_steps // 10)
+        super().__post_init__()
+
+
+def distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """Forward KL(teacher ‖ student) per target token (labels ≠ −100, next-token aligned), mean over tokens, × T²."""
+    targets = labels[:, 1:] != -100
+    s = student_logits[:, :-1][targets].float() / temperature
+    t = teacher_logits[:, :-1][targets].float() / temperature
+    if s.numel() == 0:
+        return student_logits.sum() * 0.0
+    kl = F.kl_div(F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1), log_target=True, reduction="batchmean")
+    return kl * temperature**2
+
+
+class DistillationSFTTrainer(SFTTrainer):
+    """SFTTrainer whose loss is distillation from ``teacher`` (frozen, eval mode, placed by Accelerate)."""
+
+    def __init__(self, *args, teacher=None, **kwargs):
+        if teacher is None:
+            raise BlockCBOError("distillation needs a teacher model")
+        super().__init__(*args, **kwargs)
+        teacher.eval().requires_grad_(False)
+        if getattr(teacher, "hf_quantizer", None) is None and getattr(teacher, "hf_device_map", None) is None:
+            teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        self.teacher = teacher
+        self._kd_log: list[float] = []
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        forward = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
+        outputs = model(**forward, use_cache=False)
+        with torch.no_grad():
+            teacher_logits = self.teacher(**forward, use_cache=False).logits
+        args = self.args
+        kd = distillation_loss(outputs.logits, teacher_logits, labels, args.temperature)
+        loss = kd
+        if args.alpha_ce > 0:
+            ce = F.cross_entropy(
+                outputs.logits[:, :-1].reshape(-1, outputs.logits.shape[-1]).float(),
+                labels[:, 1:].reshape(-1),
+                ignore_index=-100,
+            )
+            loss = (1 - args.alpha_ce) * kd + args.alpha_ce * ce
+        self._kd_log.append(float(kd.detach()))
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs, *args, **kwargs):
+        if self._kd_log:
+            logs["kd_loss"] = sum(self._kd_log) / len(self._kd_log)
+            self._kd_log.clear()
+        super().log(logs, *args, **kwargs)
+
+
+class _AbortForTests(TrainerCallback):
+    """Tests simulate a kill right after a checkpoint (HF_BLOCKCBO_ABORT_AFTER_STEP)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        limit = os.environ.get("HF_BLOCKCBO_ABORT_AFTER_STEP")
+        if limit and state.global_step >= int(limit):
+            os._exit(137)
+
+
+def load_teacher(teacher: str, dtype: str = "auto", four_bit: bool = False):
+    """The unpruned teacher: same dtype, or 4-bit NF4 through bitsandbytes when a CUDA device exists."""
+    from .models import load_model, resolve_model
+
+    source = resolve_model(teacher)
+    if not four_bit:
+        return load_model(source, dtype=dtype)[0]
+    if not torch.cuda.is_available():
+        raise BlockCBOError("a 4-bit NF4 teacher needs a CUDA device (bitsandbytes); drop --teacher-4bit on CPU")
+    try:
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    except ImportError as err:  # pragma: no cover
+        raise BlockCBOError("a 4-bit teacher needs bitsandbytes: pip install bitsandbytes") from err
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    return AutoModelForCausalLM.from_pretrained(source.path, quantization_config=quant, device_map="auto")
+
+
+def _dataset(records: list[dict]):
+    from datasets import Dataset
+
+    rows = [{"messages": r["messages"]} if "messages" in r else {"text": r["text"]} for r in records]
+    if len({tuple(sorted(r)) for r in rows}) > 1:
+        raise BlockCBOError("the healing data mixes text and chat records; use one kind")
+    return Dataset.from_list(rows)
+
+
+def _split_text(records: list[dict], max_chars: int) -> list[dict]:
+    """Long plain-text records are cut into paragraphs-sized pieces, so a novel becomes many training samples."""
+    out = []
+    for record in records:
+        if "messages" in record or len(record["text"]) <= max_chars:
+            out.append(record)
+            continue
+        piece = ""
+        for paragraph in record["text"].split("\n\n"):
+            if piece and len(piece) + len(paragraph) > max_chars:
+                out.append({"text": piece})
+                piece = ""
+            piece = f"{piece}\n\n{paragraph}" if piece else paragraph
+        if piece:
+            out.append({"text": piece})
+    return out
+
+
+def heal(
+    student_dir: str | os.PathLike,
+    teacher: str,
+    data: str | None,
+    output_dir: str | os.PathLike,
+    args: HealConfig | None = None,
+    eval_data: str | None = None,
+    eval_samples: int = 32,
+    teacher_4bit: bool = False,
+    overwrite: bool = False,
+) -> dict:
+    """Distil ``teacher`` into the pruned ``student_dir`` and save the healed model (plain transformers folder).
+
+    Checkpoints go to ``<output_dir>.checkpoints``; rerunning the same call resumes from the last one. The
+    provenance file gains a ``healing`` entry with the settings and validation perplexity before and after.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .data import build_calibration_set, embedded_documents, load_records
+    from .evaluation import perplexity
+
+    check_output_dir(output_dir, overwrite)
+    student_dir = Path(student_dir)
+    provenance_path = student_dir / PROVENANCE_FILE
+    provenance = json.loads(provenance_path.read_text()) if provenance_path.is_file() else {}
+    work = Path(str(output_dir) + ".checkpoints")
+    args = args or HealConfig(output_dir=str(work))
+    args.output_dir = str(work)
+    tokenizer = AutoTokenizer.from_pretrained(student_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    student = AutoModelForCausalLM.from_pretrained(student_dir)
+    teacher_model = load_teacher(teacher, four_bit=teacher_4bit)
+    if data is None:
+        records = [{"text": "\n\n".join(embedded_documents("calibration"))}]
+        data_name = "embedded"
+    else:
+        records, data_name = load_records(data)
+    train = _dataset(_split_text(records, max_chars=4 * (args.max_length or 1024)))
+    validation = build_calibration_set(tokenizer, eval_data or "embedded:validation", eval_samples, 128)
+    before = perplexity(student, validation)
+    trainer = DistillationSFTTrainer(
+        model=student,
+        args=args,
+        train_dataset=train,
+        processing_class=tokenizer,
+        teacher=teacher_model,
+        callbacks=[_AbortForTests()],
+    )
+    checkpoints = sorted(work.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])) if work.is_dir() else []
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
+    seconds = time.perf_counter() - start
+    healed = trainer.model
+    after = perplexity(healed, validation)
+    history = [row for row in trainer.state.log_history if "loss" in row]
+    provenance["healing"] = {
+        "method": "knowledge distillation (forward KL)",
+        "teacher": teacher,
+        "teacher_4bit": teacher_4bit,
+        "data": data_name,
+        "steps": trainer.state.global_step,
+        "resumed_from": checkpoints[-1].name if checkpoints else None,
+        "learning_rate": args.learning_rate,
+        "lr_scheduler": str(args.lr_scheduler_type),
+        "warmup_steps": args.warmup_steps,
+        "weight_decay": args.weight_decay,
+        "max_grad_norm": args.max_grad_norm,
+        "max_length": args.max_length,
+        "temperature": args.temperature,
+        "alpha_ce": args.alpha_ce,
+        "assistant_only_loss": args.assistant_only_loss,
+        "validation": validation.source,
+        "validation_perplexity_before": before,
+        "validation_perplexity_after": after,
+        "train_seconds": seconds,
+        "loss_first": history[0]["loss"] if history else None,
+        "loss_last": history[-1]["loss"] if history else None,
+    }
+    provenance["validation_perplexity"] = after
+    with atomic_dir(output_dir, overwrite=overwrite) as tmp:
+        healed.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    shutil.rmtree(work, ignore_errors=True)
+    return provenance["healing"]
