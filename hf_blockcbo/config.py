@@ -42,7 +42,7 @@ class BlockRemovalConfig:
     beta: float = field(default=0.0, metadata={"help": "Weight of the first-order term (paper: 0)."})
     num_remove: int | None = field(default=None, metadata={"help": "M, the number of blocks to remove."})
     top_k: int = field(default=10, metadata={"help": "Number of lowest-energy states to return."})
-    solver: str = field(default="auto", metadata={"help": "Solver: auto, exact, tabu or torch."})
+    solver: str = field(default="auto", metadata={"help": "Solver: auto, exact, bnb, tabu or torch."})
     scorer: str = field(
         default="cbo", metadata={"help": "How blocks are chosen: cbo, bi, angular, norm_ratio, sleb, swm or random."}
     )

@@ -222,19 +222,7 @@ def choose_blocks(
             f"cannot remove {config.num_remove} of {num_blocks} blocks; choose K in 1..{num_blocks - 1}"
         )
     if config.scorer != "cbo":
-        calibration = build_calibration_set(
-            tokenizer, config.data, num_samples=config.num_samples, seq_len=config.seq_len, packing=config.packing
-        )
-        ctx = ScoringContext(
-            model,
-            calibration,
-            artifact,
-            config.top_k,
-            config.seed,
-            config.batch_size,
-            config.protected,
-            progress=progress,
-        )
+        ctx = ScoringContext.from_config(model, tokenizer, config, artifact, progress=progress)
         chosen = score(config.scorer, ctx, config.num_remove)[0]
         merge_into = chosen.blocks[0] - 1 if config.scorer == "swm" else None
         energy = None if math.isnan(chosen.energy) else chosen.energy

@@ -67,6 +67,19 @@ class ScoringContext:
     progress: bool = False
     _stats: dict | None = None
 
+    @classmethod
+    def from_config(
+        cls, model, tokenizer, config, artifact=None, progress: bool = False, **overrides
+    ) -> ScoringContext:
+        """A context whose calibration samples and settings come from a `BlockRemovalConfig`."""
+        from .data import build_calibration_set
+
+        calibration = build_calibration_set(
+            tokenizer, config.data, num_samples=config.num_samples, seq_len=config.seq_len, packing=config.packing
+        )
+        settings = dict(top_k=config.top_k, seed=config.seed, batch_size=config.batch_size, protected=config.protected)
+        return cls(model, calibration, artifact, progress=progress, **{**settings, **overrides})
+
     @property
     def num_blocks(self) -> int:
         return len(get_layers(self.model))

@@ -7,17 +7,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hf_blockcbo.errors import BlockCBOError
-from hf_blockcbo.solvers import energy, solve
+from hf_blockcbo.solvers import energy, instances, solve
 
 
 def hessian_like(n, m=None, seed=0):
-    """PSD instance shaped like H = AᵀA/m: varying diagonal, correlated neighbours, mixed-sign off-diagonals."""
-    rng = np.random.default_rng(seed)
-    m = m or 4 * n
-    scale = np.exp(rng.normal(0, 1, n))
-    A = rng.normal(size=(m, n)) * scale
-    A[:, 1:] += 0.6 * A[:, :-1]
-    return A.T @ A / m
+    return instances.hessian_like(n, m, seed)
 
 
 def brute_force(Q, M, K, protected=()):
@@ -28,8 +22,8 @@ def brute_force(Q, M, K, protected=()):
     return rows[:K]
 
 
-@pytest.mark.parametrize("method", ["exact", "tabu"])
-@pytest.mark.parametrize("n,m", [(10, 1), (10, 3), (12, 6), (14, 11)])
+@pytest.mark.parametrize("method", ["exact", "tabu", "bnb"])
+@pytest.mark.parametrize("n,m", [(10, 1), (10, 3), (12, 6), (14, 11), (18, 7)])
 def test_top_k_equals_brute_force(method, n, m):
     Q = hessian_like(n, seed=n + m)
     k = min(25, math.comb(n, m))
@@ -38,7 +32,7 @@ def test_top_k_equals_brute_force(method, n, m):
     assert [c.blocks for c in result.candidates] == [b for _, b in expected]
     np.testing.assert_allclose([c.energy for c in result.candidates], [e for e, _ in expected], rtol=1e-12)
     assert [c.rank for c in result.candidates] == list(range(k))
-    assert result.certified == (method == "exact")
+    assert result.certified == (method in ("exact", "bnb"))
 
 
 @settings(max_examples=25, deadline=None)
@@ -54,7 +48,7 @@ def test_property_solvers_match_brute_force_on_random_psd(n, data, seed):
     A = rng.normal(size=(rng.integers(1, 3 * n), n))
     Q = A.T @ A / A.shape[0]
     expected = brute_force(Q, m, k)
-    for method in ("exact", "tabu"):
+    for method in ("exact", "tabu", "bnb"):
         got = solve(Q, m, top_k=k, method=method, seed=seed).candidates
         np.testing.assert_allclose([c.energy for c in got], [e for e, _ in expected], rtol=1e-9, atol=1e-12)
         assert len({c.blocks for c in got}) == len(got) == min(k, math.comb(n, m))
@@ -212,3 +206,22 @@ def test_exact_refuses_an_enumeration_beyond_the_time_limit():
         solve(hessian_like(60, seed=1), 20, method="exact", time_limit=1.0)
     result = solve(hessian_like(60, seed=1), 20, method="tabu", time_limit=1.0, top_k=20)
     assert not result.certified and len(result.candidates) == 20
+
+
+def test_branch_and_bound_prunes_and_honours_the_time_limit():
+    from hf_blockcbo.solvers.branch_bound import branch_and_bound_topk, subspace_lambda
+
+    Q = hessian_like(24, seed=8)
+    ones = np.ones(24) / np.sqrt(24)
+    lam = subspace_lambda(Q)
+    projected = Q - lam * (np.eye(24) - np.outer(ones, ones))
+    basis = np.linalg.qr(np.eye(24) - 1 / 24)[0][:, :23]
+    assert np.linalg.eigvalsh(basis.T @ projected @ basis).min() > -1e-9, "the shift keeps Q convex on Σx = 0"
+    exact = solve(Q, 8, top_k=50, method="exact")
+    states, energies, certified, info = branch_and_bound_topk(
+        Q, 8, 50, seed_energies=np.array([c.energy for c in exact.candidates])
+    )
+    assert certified and info["subtrees_pruned"] > 0
+    assert sorted(map(tuple, states)) == sorted(c.blocks for c in exact.candidates)
+    states, _, certified, info = branch_and_bound_topk(hessian_like(40, seed=1), 12, 10, time_limit=0.0)
+    assert not certified and info["explored_first_blocks"] == 1

@@ -62,9 +62,6 @@ class CompareCommand(BaseCommand):
                 artifact.check_model(source.model_id, [b.name for b in describe_blocks(model)])
             else:
                 artifact = calibrate(model, tokenizer, config, source, progress=progress)
-        calibration = build_calibration_set(
-            tokenizer, config.data, num_samples=config.num_samples, seq_len=config.seq_len, packing=config.packing
-        )
 
         def held_out(data, default):
             return build_calibration_set(
@@ -73,16 +70,8 @@ class CompareCommand(BaseCommand):
 
         validation = held_out(config.validation_data, "embedded:validation")
         test = held_out(args.test_data, "embedded:test")
-        ctx = ScoringContext(
-            model,
-            calibration,
-            artifact,
-            config.top_k,
-            config.seed,
-            config.batch_size,
-            config.protected,
-            sleb_samples=args.sleb_samples,
-            progress=progress,
+        ctx = ScoringContext.from_config(
+            model, tokenizer, config, artifact, progress=progress, sleb_samples=args.sleb_samples
         )
         from pathlib import Path
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..errors import BlockCBOError
 from .base import Candidate, SolveResult, check_counts, check_matrix, energy, num_states, to_candidates
+from .branch_bound import branch_and_bound_topk
 from .brute_torch import brute_force_topk
 from .constrained import Constraints, enumerate_constrained, feasible_start, parse_per_kind, swap_classes
 from .exact import enumerate_topk
@@ -66,6 +67,19 @@ def _solve_tabu(Q, num_remove, top_k, seed, time_limit, cons):
         Q, num_remove, top_k, seed=seed, time_limit=time_limit, classes=classes, initial=initial
     )
     return states, energies, False, info
+
+
+@register_solver("bnb")
+def _solve_branch_and_bound(Q, num_remove, top_k, seed, time_limit, cons):
+    if cons is not None:
+        raise BlockCBOError("branch and bound takes no per-kind counts or budget yet; use --method exact or tabu")
+    start = time.perf_counter()
+    seed_states, seed_energies, _ = tabu_topk(Q, num_remove, top_k, seed=seed, time_limit=time_limit)
+    left = None if time_limit is None else max(0.0, time_limit - (time.perf_counter() - start))
+    states, energies, certified, info = branch_and_bound_topk(
+        Q, num_remove, top_k, seed_states, seed_energies, time_limit=left
+    )
+    return states, energies, certified, info
 
 
 @register_solver("torch")
