@@ -53,6 +53,12 @@ class HealConfig(SFTConfig):
             raise BlockCBOError(f"temperature must be positive, got {self.temperature}")
         if 0 < self.max_steps < 10 * self.warmup_steps:
             self.warmup_steps = max(1, self.max_steps // 10)
+        if not torch.cuda.is_available():
+            # TRL defaults to bf16 autocast and activation checkpointing; on a CPU without native bf16 the autocast
+            # is emulated (measured ~50x slower on SmolLM2), so train in the model's own dtype
+            self.bf16 = False
+            self.fp16 = False
+            self.gradient_checkpointing = False
         super().__post_init__()
 
 
