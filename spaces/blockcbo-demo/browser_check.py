@@ -28,7 +28,7 @@ def run(url: str, screenshot: str, remove: int = 3, timeout_ms: int = 180_000) -
         )
         page = browser.new_page(viewport={"width": 1400, "height": 1800})
         start = time.perf_counter()
-        page.goto(url, wait_until="networkidle")
+        page.goto(url, wait_until="networkidle", timeout=timeout_ms)
         page.get_by_text("Which transformer blocks can go?").wait_for(timeout=timeout_ms)
         page.wait_for_function("() => document.querySelector('#candidates').innerText.includes('% parameters')")
         timings["page_and_spectrum_s"] = time.perf_counter() - start
