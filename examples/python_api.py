@@ -1,6 +1,6 @@
 """The Python face: from_pretrained-style block removal on the embedded SmolLM2 (offline), then a look at the spectrum.
 
-    python examples/python_api.py
+python examples/python_api.py
 """
 
 from hf_blockcbo import BlockRemovalConfig, BlockRemover
