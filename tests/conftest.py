@@ -124,6 +124,15 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def run_plain_transformers(script: str, timeout: int = 300, env: dict | None = None) -> dict:
     """Run ``script`` in a fresh interpreter that never imports hf_blockcbo; it prints one JSON line."""
     guard = (

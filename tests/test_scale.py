@@ -1,7 +1,6 @@
 """Hessian at scale: 2 processes == 1 process, kill-and-resume == uninterrupted, device map, checkpointing, callback."""
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -11,6 +10,8 @@ import torch
 from hf_blockcbo.errors import BlockCBOError
 from hf_blockcbo.hessian import HessianArtifact
 
+from .conftest import free_port
+
 
 ARGS = ["--num-samples", "7", "--seq-len", "20", "--batch-size", "2", "--no-progress"]
 
@@ -18,12 +19,6 @@ ARGS = ["--num-samples", "7", "--seq-len", "20", "--batch-size", "2", "--no-prog
 def _cli(*args, env=None, launcher=()):
     cmd = [*launcher, "-m", "hf_blockcbo.cli", *args] if launcher else [sys.executable, "-m", "hf_blockcbo.cli", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +46,7 @@ def test_two_processes_equal_one(tiny_model_dir, tmp_path, single):
         "--dynamo_backend",
         "no",
         "--main_process_port",
-        str(_free_port()),
+        str(free_port()),
     ]
     run = _cli("calibrate", "--model", str(tiny_model_dir), *ARGS, "--output", str(out), launcher=launcher)
     assert run.returncode == 0, run.stderr[-3000:]

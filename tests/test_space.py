@@ -2,7 +2,6 @@
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -12,14 +11,10 @@ import pytest
 
 from hf_blockcbo.commands.cli import main
 
+from .conftest import free_port
+
 
 SPACE = Path(__file__).resolve().parents[1] / "spaces" / "blockcbo-demo"
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +22,7 @@ def app_url(tiny_model_dir, tmp_path_factory):
     art = tmp_path_factory.mktemp("space") / "h.safetensors"
     args = ["--num-samples", "8", "--seq-len", "24", "--no-progress"]
     assert main(["calibrate", "--model", str(tiny_model_dir), *args, "--output", str(art)]) == 0
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "BLOCKCBO_DEMO_MODEL": str(tiny_model_dir),
