@@ -17,6 +17,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+
+try:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+except ImportError:  # pragma: no cover - older transformers
+
+    class GradientCheckpointingLayer:  # noqa: D101 - a stand-in nothing is an instance of
+        pass
+
+
 from .data import CalibrationSet
 from .errors import BlockCBOError
 from .gates import BlockGates
@@ -45,6 +54,11 @@ def frozen_eval(model: nn.Module) -> Iterator[None]:
     was_training = model.training
     flags = [(p, p.requires_grad) for p in model.parameters()]
     model.eval()
+    # transformers checkpoints a layer only while that layer is in training mode: switch on just the checkpointed
+    # layers' own flag (their dropout children stay in eval), so --gradient-checkpointing really saves memory
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer) and getattr(module, "gradient_checkpointing", False):
+            module.training = True
     for p, _ in flags:
         p.requires_grad_(False)
     try:
