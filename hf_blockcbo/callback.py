@@ -88,6 +88,7 @@ class BlockRemovalCallback(TrainerCallback):
         blocks = describe_blocks(model, spec)
         names = [b.name for b in blocks]
         rows, losses = [], []
+        seen = 0  # samples so far, for error messages
         device = next(model.parameters()).device
         with frozen_eval(model), BlockGates(model, gate=gate) as gates:
             for number, batch in enumerate(dataloader):
@@ -97,7 +98,8 @@ class BlockRemovalCallback(TrainerCallback):
                 mask = batch.get("attention_mask")
                 mask = torch.ones_like(ids) if mask is None else mask.to(device)
                 grad, loss = gate_gradients_for_batch(model, gates, ids, mask)
-                _check_finite(grad, len(rows), names)
+                _check_finite(grad, seen, names)
+                seen += grad.shape[0]
                 rows.append(grad.cpu())
                 losses.append(loss.cpu())
         if not rows:

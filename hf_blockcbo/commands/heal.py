@@ -45,6 +45,27 @@ def heal_config(args, output_dir: str):
     )
 
 
+def run_heal(args, student: str, teacher: str) -> dict:
+    """Heal ``student`` into ``args.output`` with the flags of `add_heal_args`; print and return the report."""
+    from ..healing import heal
+
+    report = heal(
+        student,
+        teacher,
+        args.heal_data,
+        args.output,
+        heal_config(args, args.output),
+        args.eval_data,
+        teacher_4bit=args.teacher_4bit,
+        overwrite=args.overwrite,
+    )
+    print(
+        f"Healed {student} → {args.output} in {report['steps']} steps ({report['train_seconds']:.0f} s): validation "
+        f"perplexity {report['validation_perplexity_before']:.2f} → {report['validation_perplexity_after']:.2f}"
+    )
+    return report
+
+
 class HealCommand(BaseCommand):
     COMMAND = CommandInfo(name="heal", help="recover quality by distillation from the unpruned teacher (TRL)")
 
@@ -61,7 +82,6 @@ class HealCommand(BaseCommand):
         from pathlib import Path
 
         from ..errors import BlockCBOError
-        from ..healing import heal
 
         a = self.args
         teacher = a.teacher
@@ -70,18 +90,5 @@ class HealCommand(BaseCommand):
             if not provenance.is_file():
                 raise BlockCBOError("no --teacher given and the student has no block_removal.json naming its base")
             teacher = json.loads(provenance.read_text())["model"]
-        report = heal(
-            a.student,
-            teacher,
-            a.heal_data,
-            a.output,
-            heal_config(a, a.output),
-            a.eval_data,
-            teacher_4bit=a.teacher_4bit,
-            overwrite=a.overwrite,
-        )
-        print(
-            f"Healed {a.student} → {a.output} in {report['steps']} steps ({report['train_seconds']:.0f} s): validation "
-            f"perplexity {report['validation_perplexity_before']:.2f} → {report['validation_perplexity_after']:.2f}"
-        )
+        run_heal(a, a.student, teacher)
         return 0

@@ -12,7 +12,7 @@ from .base import (
     add_selection_args,
     add_solver_args,
 )
-from .heal import add_heal_args, heal_config
+from .heal import add_heal_args, run_heal
 
 
 class PruneCommand(BaseCommand):
@@ -77,24 +77,9 @@ class PruneCommand(BaseCommand):
         if args.heal:
             import shutil
 
-            from ..healing import heal
-
             del model
-            report = heal(
-                target,
-                source.model_id,
-                args.heal_data,
-                args.output,
-                heal_config(args, args.output),
-                args.eval_data,
-                teacher_4bit=args.teacher_4bit,
-                overwrite=args.overwrite,
-            )
+            run_heal(args, target, source.model_id)
             shutil.rmtree(target, ignore_errors=True)
-            print(
-                f"Healed in {report['steps']} steps: validation perplexity "
-                f"{report['validation_perplexity_before']:.2f} → {report['validation_perplexity_after']:.2f}"
-            )
         if args.push_to_hub:
             from ..hub import push_model
 
