@@ -113,6 +113,7 @@ def compute_gate_gradients(
     checkpoint: PartialRows | None = None,
     checkpoint_every: int = 0,
     first_index: int = 0,
+    lockstep: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample gate gradients A (``[m, N]`` float32) and per-sample losses at α = 1 (``[m]``).
 
@@ -124,6 +125,9 @@ def compute_gate_gradients(
         checkpoint (`PartialRows`, *optional*): where rows done so far are kept; rows found there are not recomputed.
         checkpoint_every (`int`, defaults to 0): write the checkpoint every this many batches (0: never).
         first_index (`int`): index of the first sample in the whole calibration set (for error messages).
+        lockstep (`bool`, defaults to `False`): every process runs the same number of batches (FSDP: each forward
+            is a collective); short shards repeat their last batch and drop its rows, resumed rows are cut to the
+            count every process has.
     """
     if len(calibration) == 0:
         raise BlockCBOError("the calibration set is empty; give at least one sample")
@@ -135,12 +139,27 @@ def compute_gate_gradients(
     if resumed is not None:
         rows, losses = [resumed[0]], [resumed[1]]
         done = resumed[0].shape[0]
+    padding_batches = 0
+    if lockstep:
+        from .distributed import lockstep_counts
+
+        done = (done // batch_size) * batch_size
+        done, most = lockstep_counts(done, -(-(len(calibration) - done) // batch_size))
+        padding_batches = most - -(-(len(calibration) - done) // batch_size)
+        if resumed is not None:
+            rows, losses = [resumed[0][:done]], [resumed[1][:done]]
+    if done:
         logger.warning("resuming the Hessian pass: %d of %d samples already done", done, len(calibration))
     remaining = CalibrationSet(calibration.input_ids[done:], calibration.attention_mask[done:], calibration.source)
     with frozen_eval(model), BlockGates(model, gate=gate) as gates:
         names = block_names or [f"block {i}" for i in range(gates.num_blocks)]
         bar = tqdm(total=len(calibration), initial=done, desc="Hessian pass", unit="sample", disable=not progress)
-        for batch_no, (start, ids, mask) in enumerate(remaining.batches(batch_size), start=1):
+        batches = list(remaining.batches(batch_size))
+        if padding_batches:
+            _, pad_ids, pad_mask = batches[-1] if batches else next(calibration.batches(1))
+            for _ in range(padding_batches):  # rows dropped: only the collective forwards/backwards matter
+                gate_gradients_for_batch(model, gates, pad_ids, pad_mask)
+        for batch_no, (start, ids, mask) in enumerate(batches, start=1):
             grad, loss = gate_gradients_for_batch(model, gates, ids, mask)
             _check_finite(grad, first_index + done + start, names)
             rows.append(grad.cpu())

@@ -9,7 +9,9 @@ trainer.train()  # writes <output_dir>/hessian.safetensors (+ candidates.json)
 ```
 
 With ``remove_at_step=S`` the solved blocks are removed at step S and training continues on the shallower model
-(the optimizer's parameter groups and state are rebuilt without the removed parameters).
+(the optimizer's parameter groups and state are rebuilt without the removed parameters). Under multi-process
+training every process computes the rows of its shard of the dataset, the rows are gathered in sample order, and
+all processes remove the same blocks; DDP then needs ``ddp_find_unused_parameters=True``.
 """
 
 from __future__ import annotations
@@ -76,11 +78,35 @@ class BlockRemovalCallback(TrainerCallback):
             raise BlockCBOError("the trainer passed no dataloader to the callback; give the trainer an eval_dataset")
         return loader
 
+    def _batches(self, dataloader, rank: int, world: int):
+        """(first sample index, batches) of this process's contiguous shard of the loader's samples.
+
+        Accelerate's prepared loaders pad the last shard with repeated samples and interleave batches across
+        processes; with a map-style dataset the callback instead shards the samples by index itself (uneven shards,
+        no duplicates), so the gathered rows are in sample order and equal the single-process rows.
+        """
+        from torch.utils.data import DataLoader
+
+        from .distributed import shard_bounds
+
+        dataset = getattr(dataloader, "dataset", None)
+        if world == 1 or dataset is None or not hasattr(dataset, "__len__"):
+            if world > 1:
+                raise BlockCBOError("multi-process Hessian passes need a map-style (sized) eval/train dataset")
+            return 0, iter(dataloader)
+        total = len(dataset)
+        if self.max_batches is not None:
+            total = min(total, self.max_batches * (dataloader.batch_size or 1) * world)
+        start, stop = shard_bounds(total, rank, world)
+        subset = torch.utils.data.Subset(dataset, range(start, stop))
+        loader = DataLoader(subset, batch_size=dataloader.batch_size or 1, collate_fn=dataloader.collate_fn)
+        return start, iter(loader)
+
     def compute(self, args, model, dataloader) -> HessianArtifact:
         from accelerate import PartialState
-        from accelerate.utils import gather_object
 
         from . import __version__
+        from .distributed import gather_rows
 
         state = PartialState()
         spec = get_architecture(model)
@@ -88,11 +114,12 @@ class BlockRemovalCallback(TrainerCallback):
         blocks = describe_blocks(model, spec)
         names = [b.name for b in blocks]
         rows, losses = [], []
-        seen = 0  # samples so far, for error messages
+        start, batches = self._batches(dataloader, state.process_index, state.num_processes)
+        seen = start  # sample index, for error messages
         device = next(model.parameters()).device
         with frozen_eval(model), BlockGates(model, gate=gate) as gates:
-            for number, batch in enumerate(dataloader):
-                if self.max_batches is not None and number >= self.max_batches:
+            for number, batch in enumerate(batches):
+                if state.num_processes == 1 and self.max_batches is not None and number >= self.max_batches:
                     break
                 ids = batch["input_ids"].to(device)
                 mask = batch.get("attention_mask")
@@ -102,14 +129,12 @@ class BlockRemovalCallback(TrainerCallback):
                 seen += grad.shape[0]
                 rows.append(grad.cpu())
                 losses.append(loss.cpu())
-        if not rows:
-            raise BlockCBOError("the callback's dataloader gave no batch")
-        A, loss = torch.cat(rows), torch.cat(losses)
+        A = torch.cat(rows) if rows else torch.zeros(0, len(names))
+        loss = torch.cat(losses) if losses else torch.zeros(0)
         if state.num_processes > 1:
-            pieces = gather_object([(state.process_index, A.numpy(), loss.numpy())])
-            pieces.sort(key=lambda piece: piece[0])
-            A = torch.cat([torch.from_numpy(p[1]) for p in pieces])
-            loss = torch.cat([torch.from_numpy(p[2]) for p in pieces])
+            A, loss = gather_rows(start, A, loss)
+        if A.shape[0] == 0:
+            raise BlockCBOError("the callback's dataloader gave no batch")
         artifact = HessianArtifact(
             A=A,
             block_names=names,
@@ -162,6 +187,12 @@ class BlockRemovalCallback(TrainerCallback):
 
     # -- events -------------------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.remove_at_step is not None and args.world_size > 1 and not args.ddp_find_unused_parameters:
+            # DDP's reducer keeps waiting for the removed blocks' gradients unless told some parameters go unused
+            raise BlockCBOError(
+                "removing blocks during multi-process training needs TrainingArguments(ddp_find_unused_parameters="
+                "True); or remove after training (remove_at_step=None) and prune with `hf-blockcbo prune --hessian`"
+            )
         if self.at == "train_begin" or (self.remove_at_step is not None and self.artifact is None):
             self.compute(args, model, self._dataloader(kwargs))
 

@@ -58,3 +58,37 @@ def gather_rows(start: int, rows: torch.Tensor, losses: torch.Tensor) -> tuple[t
     A = torch.cat([torch.from_numpy(block) for _, block, _ in pieces])
     loss = torch.cat([torch.from_numpy(value) for _, _, value in pieces])
     return A, loss
+
+
+def fsdp_requested() -> bool:
+    """`accelerate launch --use_fsdp` sets ACCELERATE_USE_FSDP; the calibrate command also takes `--fsdp`."""
+    import os
+
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+
+
+def shard_model_fsdp(model: torch.nn.Module, layers: torch.nn.ModuleList) -> torch.nn.Module:
+    """Shard the weights over the processes with FSDP2 (``fully_shard`` per decoder layer, then the root).
+
+    The gates are forward hooks with no parameters of their own, so they sit outside every sharded parameter; the
+    weights stay frozen (FSDP only gathers them for each layer's forward and backward).
+    """
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError as err:  # pragma: no cover - torch < 2.6
+        raise BlockCBOError("FSDP sharding needs torch ≥ 2.6 (torch.distributed.fsdp.fully_shard)") from err
+    if not torch.distributed.is_initialized():
+        raise BlockCBOError("FSDP needs a distributed launch: accelerate launch --use_fsdp --num_processes N ...")
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def lockstep_counts(done: int, batches: int) -> tuple[int, int]:
+    """(rows every process keeps from its resume file, batches every process runs): FSDP needs all processes to run
+    the same forwards, so resumed work is cut to the common minimum and short shards run padding batches."""
+    from accelerate.utils import gather_object
+
+    counts = gather_object([(done, batches)])
+    return min(c[0] for c in counts), max(c[1] for c in counts)

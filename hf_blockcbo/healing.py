@@ -44,6 +44,10 @@ class HealConfig(SFTConfig):
     num_train_epochs: float = field(default=1.0, metadata={"help": "Paper: one epoch."})
     temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the distillation KL."})
     alpha_ce: float = field(default=0.0, metadata={"help": "Weight of the data cross-entropy (1 − weight on the KL)."})
+    teacher_top_k: int = field(
+        default=0,
+        metadata={"help": "Cache the teacher's top-k log-probs once and free the teacher (0: live teacher)."},
+    )
     report_to: list[str] | str | None = field(default="none", metadata={"help": "Loggers (default none)."})
 
     def __post_init__(self):
@@ -51,6 +55,10 @@ class HealConfig(SFTConfig):
             raise BlockCBOError(f"alpha_ce must be in [0, 1], got {self.alpha_ce}")
         if self.temperature <= 0:
             raise BlockCBOError(f"temperature must be positive, got {self.temperature}")
+        if self.teacher_top_k < 0:
+            raise BlockCBOError(f"teacher_top_k must be ≥ 0, got {self.teacher_top_k}")
+        if self.teacher_top_k and (self.packing or self.padding_free):
+            raise BlockCBOError("a cached teacher needs one sequence per row: turn packing / padding_free off")
         if 0 < self.max_steps < 10 * self.warmup_steps:
             self.warmup_steps = max(1, self.max_steps // 10)
         if not torch.cuda.is_available():
@@ -59,6 +67,8 @@ class HealConfig(SFTConfig):
             self.bf16 = False
             self.fp16 = False
             self.gradient_checkpointing = False
+        if getattr(self, "activation_checkpointing", False) is None:  # transformers ≥ 5 renamed it; no alias warning
+            self.activation_checkpointing, self.gradient_checkpointing = self.gradient_checkpointing, None
         super().__post_init__()
 
 
@@ -76,26 +86,74 @@ def distillation_loss(
 
 
 class DistillationSFTTrainer(SFTTrainer):
-    """SFTTrainer whose loss is distillation from ``teacher`` (frozen, eval mode, placed by Accelerate)."""
+    """SFTTrainer whose loss is distillation from ``teacher`` (frozen, eval mode, placed by Accelerate).
 
-    def __init__(self, *args, teacher=None, **kwargs):
+    With ``args.teacher_top_k`` > 0 the teacher runs once over the tokenised training set before training; its top-k
+    log-probs are cached (``teacher_cache`` file, reused when it matches) and the teacher is dropped. ``teacher`` may
+    be a model or a zero-argument loader, so a matching cache spares loading the teacher at all.
+    """
+
+    def __init__(self, *args, teacher=None, teacher_name: str = "teacher", teacher_cache=None, **kwargs):
         if teacher is None:
             raise BlockCBOError("distillation needs a teacher model")
         super().__init__(*args, **kwargs)
-        teacher.eval().requires_grad_(False)
-        if getattr(teacher, "hf_quantizer", None) is None and getattr(teacher, "hf_device_map", None) is None:
+        self.teacher_topk = None
+        if self.args.teacher_top_k:
+            self.teacher_topk = self._teacher_topk(teacher, teacher_name, teacher_cache)
+            teacher = None
+        else:
+            teacher = _materialise(teacher)
+        if (
+            teacher is not None
+            and getattr(teacher, "hf_quantizer", None) is None
+            and getattr(teacher, "hf_device_map", None) is None
+        ):
             teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
         self.teacher = teacher
         self._kd_log: list[float] = []
+
+    def _teacher_topk(self, teacher, teacher_name: str, cache_path):
+        from .teacher_cache import TeacherTopK, build_teacher_topk
+
+        k, temperature = self.args.teacher_top_k, self.args.temperature
+        cache_path = Path(cache_path or Path(self.args.output_dir) / f"teacher_top{k}.safetensors")
+        if cache_path.is_file():
+            cached = TeacherTopK.load(cache_path)
+            if cached.matches(k, temperature, teacher_name):
+                logger.info("using the cached teacher top-%d log-probs in %s", k, cache_path)
+                return cached
+            raise BlockCBOError(
+                f"{cache_path} was built for another teacher, k or temperature ({cached.teacher}, k={cached.top_k}, "
+                f"T={cached.temperature}); delete it or choose another --teacher-cache"
+            )
+        if self.accelerator.is_main_process:
+            teacher = _materialise(teacher).to(self.accelerator.device)
+            built = build_teacher_topk(
+                teacher,
+                self.train_dataset["input_ids"],
+                k,
+                temperature,
+                teacher_name,
+                batch_size=self.args.per_device_train_batch_size,
+            )
+            built.save(cache_path)
+        self.accelerator.wait_for_everyone()
+        return TeacherTopK.load(cache_path)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
         forward = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
         outputs = model(**forward, use_cache=False)
-        with torch.no_grad():
-            teacher_logits = self.teacher(**forward, use_cache=False).logits
         args = self.args
-        kd = distillation_loss(outputs.logits, teacher_logits, labels, args.temperature)
+        if self.teacher_topk is not None:
+            from .teacher_cache import topk_distillation_loss
+
+            ids, logp = self.teacher_topk.batch(inputs["input_ids"], inputs.get("attention_mask"))
+            kd = topk_distillation_loss(outputs.logits, ids, logp, labels, args.temperature)
+        else:
+            with torch.no_grad():
+                teacher_logits = self.teacher(**forward, use_cache=False).logits
+            kd = distillation_loss(outputs.logits, teacher_logits, labels, args.temperature)
         loss = kd
         if args.alpha_ce > 0:
             ce = F.cross_entropy(
@@ -112,6 +170,13 @@ class DistillationSFTTrainer(SFTTrainer):
             logs["kd_loss"] = sum(self._kd_log) / len(self._kd_log)
             self._kd_log.clear()
         super().log(logs, *args, **kwargs)
+
+
+def _materialise(teacher):
+    """The teacher model, loading it when given as a zero-argument loader; frozen and in eval mode."""
+    if not isinstance(teacher, torch.nn.Module):
+        teacher = teacher()
+    return teacher.eval().requires_grad_(False)
 
 
 class _AbortForTests(TrainerCallback):
@@ -177,11 +242,14 @@ def heal(
     eval_samples: int = 32,
     teacher_4bit: bool = False,
     overwrite: bool = False,
+    teacher_cache: str | os.PathLike | None = None,
 ) -> dict:
     """Distil ``teacher`` into the pruned ``student_dir`` and save the healed model (plain transformers folder).
 
     Checkpoints go to ``<output_dir>.checkpoints``; rerunning the same call resumes from the last one. The
-    provenance file gains a ``healing`` entry with the settings and validation perplexity before and after.
+    provenance file gains a ``healing`` entry with the settings and validation perplexity before and after. With
+    ``args.teacher_top_k`` the teacher's top-k log-probs are cached (in ``teacher_cache``, kept, or in the checkpoint
+    folder) and the teacher is freed before training; a resumed run reuses the cache without loading the teacher.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -199,7 +267,6 @@ def heal(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     student = AutoModelForCausalLM.from_pretrained(student_dir)
-    teacher_model = load_teacher(teacher, four_bit=teacher_4bit)
     if data is None:
         records = [{"text": "\n\n".join(embedded_documents("calibration"))}]
         data_name = "embedded"
@@ -213,7 +280,9 @@ def heal(
         args=args,
         train_dataset=train,
         processing_class=tokenizer,
-        teacher=teacher_model,
+        teacher=lambda: load_teacher(teacher, four_bit=teacher_4bit),
+        teacher_name=teacher,
+        teacher_cache=teacher_cache,
         callbacks=[_AbortForTests()],
     )
     checkpoints = sorted(work.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])) if work.is_dir() else []
@@ -227,6 +296,7 @@ def heal(
         "method": "knowledge distillation (forward KL)",
         "teacher": teacher,
         "teacher_4bit": teacher_4bit,
+        "teacher_top_k": args.teacher_top_k or None,
         "data": data_name,
         "steps": trainer.state.global_step,
         "resumed_from": checkpoints[-1].name if checkpoints else None,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .architectures import count_parameters, describe_blocks, get_architecture
+from .architectures import count_parameters, describe_blocks, get_architecture, get_layers
 from .calibration import compute_gate_gradients
 from .config import BlockRemovalConfig
 from .data import CalibrationSet, build_calibration_set
@@ -38,12 +38,14 @@ def calibrate(
     progress: bool = True,
     output: str | os.PathLike | None = None,
     checkpoint_every: int = 0,
+    fsdp: bool = False,
 ) -> HessianArtifact:
     """Run the Hessian pass of ``config`` over ``model`` and return the artifact.
 
     Under `accelerate launch` each process computes a shard of the samples and every process returns the full
     artifact (rows gathered by sample index). With ``output`` and ``checkpoint_every``, rows done so far are
-    checkpointed beside ``output`` and a rerun of the same command resumes from them.
+    checkpointed beside ``output`` and a rerun of the same command resumes from them. With ``fsdp`` (several
+    processes) the weights are also sharded with FSDP2, so each process holds only its part of the model.
     """
     from . import __version__
     from .distributed import check_agreement, gather_rows, process_state, shard_bounds
@@ -70,6 +72,11 @@ def calibrate(
     )
     if world > 1:
         check_agreement(key, "model, data or settings")
+    lockstep = fsdp and world > 1
+    if lockstep:
+        from .distributed import shard_model_fsdp
+
+        shard_model_fsdp(model, get_layers(model, spec))
     start, stop = shard_bounds(len(calibration), rank, world)
     shard = CalibrationSet(
         calibration.input_ids[start:stop], calibration.attention_mask[start:stop], calibration.source
@@ -88,6 +95,7 @@ def calibrate(
         checkpoint=checkpoint,
         checkpoint_every=checkpoint_every,
         first_index=start,
+        lockstep=lockstep,
     )
     if world > 1:
         A, losses = gather_rows(start, A, losses)

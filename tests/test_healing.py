@@ -109,3 +109,71 @@ def test_four_bit_teacher_needs_cuda():
         pytest.skip("CUDA present: the NF4 path is exercised on GPU machines")
     with pytest.raises(BlockCBOError, match="CUDA"):
         load_teacher("anything", four_bit=True)
+
+
+def test_topk_loss_equals_the_full_kl_when_k_is_the_vocabulary():
+    from hf_blockcbo.teacher_cache import topk_distillation_loss
+
+    gen = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 6, 11, generator=gen), torch.randn(2, 6, 11, generator=gen)
+    labels = torch.tensor([[1, 2, 3, -100, 5, 6], [1, 2, 3, 4, 5, -100]])
+    for temperature in (1.0, 2.0):
+        full = distillation_loss(student, teacher, labels, temperature)
+        logp, ids = torch.log_softmax(teacher / temperature, -1).topk(11, -1)
+        assert float(topk_distillation_loss(student, ids, logp, labels, temperature)) == pytest.approx(
+            float(full), rel=1e-5
+        )
+        logp, ids = torch.log_softmax(teacher / temperature, -1).topk(3, -1)
+        coarse = float(topk_distillation_loss(student, ids, logp, labels, temperature))
+        assert 0 < coarse < float(full), "k + 1 bins: a lower bound on the full KL"
+    same_logp, same_ids = torch.log_softmax(student, -1).topk(3, -1)
+    assert float(topk_distillation_loss(student, same_ids, same_logp, labels)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_teacher_cache_round_trips_and_lays_out_padded_batches(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hf_blockcbo.teacher_cache import TeacherTopK, build_teacher_topk
+
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    sequences = [[5, 9, 14, 3, 7], [8, 2, 6], [5, 9, 14, 3, 7]]  # a duplicate is cached once
+    built = build_teacher_topk(teacher, sequences, top_k=4, temperature=1.0, teacher_name="t", progress=False)
+    assert len(built.spans) == 2 and built.ids.shape == (8, 4)
+    built.save(tmp_path / "cache.safetensors")
+    cached = TeacherTopK.load(tmp_path / "cache.safetensors")
+    assert cached.matches(4, 1.0, "t") and not cached.matches(8, 1.0, "t") and not cached.matches(4, 1.0, "u")
+    batch = torch.tensor([[8, 2, 6, 0, 0], [5, 9, 14, 3, 7]])
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    ids, logp = cached.batch(batch, mask)
+    with torch.no_grad():
+        direct = torch.log_softmax(teacher(torch.tensor([[8, 2, 6]])).logits[0], -1).topk(4, -1)
+    assert torch.equal(ids[0, :3], direct.indices)
+    torch.testing.assert_close(logp[0, :3], direct.values, atol=2e-3, rtol=2e-3)  # float16 storage
+    assert float(logp[0, 3:].exp().sum()) == 0.0, "padding carries no probability"
+    from hf_blockcbo.errors import BlockCBOError
+
+    with pytest.raises(BlockCBOError, match="missing from the teacher cache"):
+        cached.batch(torch.tensor([[1, 2, 3]]), None)
+
+
+def test_healing_from_cached_teacher_logits(student, tiny_model_dir, tokenizer, tmp_path, monkeypatch):
+    import hf_blockcbo.healing as healing_module
+
+    cache = tmp_path / "teacher.safetensors"
+    args = ["--teacher", str(tiny_model_dir), "--max-steps", "40", "--teacher-top-k", "32", "--teacher-cache"]
+    out = tmp_path / "healed"
+    before = _kl_to_teacher(student, tiny_model_dir, tokenizer)
+    assert main(["heal", "--student", str(student), "--output", str(out), *args, str(cache), *HEAL]) == 0
+    after = _kl_to_teacher(out, tiny_model_dir, tokenizer)
+    assert after < 0.8 * before, (before, after)
+    assert cache.is_file(), "an explicit cache file is kept"
+    assert json.loads((out / "block_removal.json").read_text())["healing"]["teacher_top_k"] == 32
+
+    def no_teacher(*a, **k):
+        raise AssertionError("a matching cache must spare loading the teacher")
+
+    monkeypatch.setattr(healing_module, "load_teacher", no_teacher)
+    again = tmp_path / "again"
+    assert main(["heal", "--student", str(student), "--output", str(again), *args, str(cache), *HEAL]) == 0
+    wrong_k = [a if a != "32" else "16" for a in args]
+    assert main(["heal", "--student", str(student), "--output", str(tmp_path / "x"), *wrong_k, str(cache), *HEAL]) == 2

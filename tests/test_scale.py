@@ -29,14 +29,12 @@ def single(tiny_model_dir, tmp_path_factory):
     return HessianArtifact.load(out)
 
 
-@pytest.mark.multiprocess
-def test_two_processes_equal_one(tiny_model_dir, tmp_path, single):
-    out = tmp_path / "h2.safetensors"
-    launcher = [
+def _launcher(*flags):
+    return [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
-        "--multi_gpu",
+        *flags,
         "--num_processes",
         "2",
         "--num_machines",
@@ -48,7 +46,14 @@ def test_two_processes_equal_one(tiny_model_dir, tmp_path, single):
         "--main_process_port",
         str(free_port()),
     ]
-    run = _cli("calibrate", "--model", str(tiny_model_dir), *ARGS, "--output", str(out), launcher=launcher)
+
+
+@pytest.mark.multiprocess
+def test_two_processes_equal_one(tiny_model_dir, tmp_path, single):
+    out = tmp_path / "h2.safetensors"
+    run = _cli(
+        "calibrate", "--model", str(tiny_model_dir), *ARGS, "--output", str(out), launcher=_launcher("--multi_gpu")
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "2 processes" in run.stdout
     two = HessianArtifact.load(out)
@@ -56,6 +61,28 @@ def test_two_processes_equal_one(tiny_model_dir, tmp_path, single):
     torch.testing.assert_close(two.A, single.A, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(two.losses, single.losses, rtol=1e-5, atol=1e-6)
     assert two.metadata["num_processes"] == "2"
+
+
+@pytest.mark.multiprocess
+def test_fsdp_sharded_weights_give_the_single_process_rows(tiny_model_dir, tmp_path, single):
+    out = tmp_path / "fsdp.safetensors"
+    # batch 3 over shards of 4 and 3 samples: 2 batches against 1, so the short shard runs a padding batch
+    args = [a if a != "2" else "3" for a in ARGS]
+    run = _cli(
+        "calibrate",
+        "--model",
+        str(tiny_model_dir),
+        *args,
+        "--fsdp",
+        "--output",
+        str(out),
+        launcher=_launcher("--multi_gpu"),
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    fsdp = HessianArtifact.load(out)
+    assert fsdp.A.shape == (7, 6)
+    torch.testing.assert_close(fsdp.A, single.A, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fsdp.losses, single.losses, rtol=1e-5, atol=1e-6)
 
 
 def test_killed_run_resumes_to_the_identical_artifact(tiny_model_dir, tmp_path, single):
@@ -158,3 +185,47 @@ def test_callback_writes_the_artifact_and_removes_blocks_mid_training(tiny_model
     assert trainer.state.global_step == 4, "training went on after the removal"
     live = {id(p) for p in trainer.model.parameters()}
     assert all(id(p) in live for g in trainer.optimizer.param_groups for p in g["params"])
+
+
+def _training_run(model_dir, out, processes: int, *extra):
+    script = os.path.join(os.path.dirname(__file__), "multiprocess_training.py")
+    if processes == 1:
+        cmd = [sys.executable, script, str(model_dir), str(out), *extra]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+            script,
+            str(model_dir),
+            str(out),
+            *extra,
+        ]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return HessianArtifact.load(out / "run" / "hessian.safetensors")
+
+
+@pytest.mark.multiprocess
+def test_callback_under_two_training_processes_equals_one(tiny_model_dir, tmp_path):
+    import json
+
+    one = _training_run(tiny_model_dir, tmp_path / "one", 1)
+    two = _training_run(tiny_model_dir, tmp_path / "two", 2, "--remove-at-step", "2")
+    assert one.A.shape == two.A.shape == (7, 6), "7 eval samples, each exactly once, over uneven shards"
+    torch.testing.assert_close(two.A, one.A, rtol=1e-5, atol=1e-6)
+    assert two.metadata["num_processes"] == "2"
+    ranks = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["removed"] == ranks[1]["removed"] and len(ranks[0]["removed"]) == 2
+    assert all(r["layers"] == 4 and r["steps"] == 4 and r["world_size"] == 2 for r in ranks), ranks

@@ -208,20 +208,65 @@ def test_exact_refuses_an_enumeration_beyond_the_time_limit():
     assert not result.certified and len(result.candidates) == 20
 
 
-def test_branch_and_bound_prunes_and_honours_the_time_limit():
-    from hf_blockcbo.solvers.branch_bound import branch_and_bound_topk, subspace_lambda
+def test_node_bound_never_exceeds_any_completion():
+    from hf_blockcbo.solvers.branch_bound import _node_bound, partner_table
 
-    Q = hessian_like(24, seed=8)
-    ones = np.ones(24) / np.sqrt(24)
-    lam = subspace_lambda(Q)
-    projected = Q - lam * (np.eye(24) - np.outer(ones, ones))
-    basis = np.linalg.qr(np.eye(24) - 1 / 24)[0][:, :23]
-    assert np.linalg.eigvalsh(basis.T @ projected @ basis).min() > -1e-9, "the shift keeps Q convex on Σx = 0"
+    rng = np.random.default_rng(4)
+    for trial in range(30):
+        n = int(rng.integers(5, 10))
+        A = rng.normal(size=(int(rng.integers(2, 12)), n)) * np.exp(rng.normal(size=n))
+        Q = A.T @ A / A.shape[0]
+        m = int(rng.integers(2, n))
+        small = partner_table(Q, m)
+        depth = int(rng.integers(0, m - 1))
+        prefix = sorted(rng.choice(n - (m - depth), size=depth, replace=False).tolist()) if depth else []
+        p = (prefix[-1] + 1) if prefix else 0
+        r = m - depth
+        if n - p < r:
+            continue
+        x = np.zeros(n)
+        x[prefix] = 1
+        g = np.diag(Q) + 2 * Q @ x
+        bound = x @ Q @ x + _node_bound(g, small, p, n, r, np.empty(m))
+        lowest = min(energy(Q, [*prefix, *rest]) for rest in itertools.combinations(range(p, n), r))
+        assert bound <= lowest + 1e-9, (trial, bound, lowest)
+
+
+def test_branch_and_bound_prunes_uses_every_thread_and_honours_the_time_limit():
+    from hf_blockcbo.solvers.branch_bound import branch_and_bound_topk
+
+    Q = hessian_like(26, seed=8)
     exact = solve(Q, 8, top_k=50, method="exact")
-    states, energies, certified, info = branch_and_bound_topk(
-        Q, 8, 50, seed_energies=np.array([c.energy for c in exact.candidates])
-    )
-    assert certified and info["subtrees_pruned"] > 0
-    assert sorted(map(tuple, states)) == sorted(c.blocks for c in exact.candidates)
-    states, _, certified, info = branch_and_bound_topk(hessian_like(40, seed=1), 12, 10, time_limit=0.0)
-    assert not certified and info["explored_first_blocks"] == 1
+    for seeds in (None, np.array([c.energy for c in exact.candidates])):
+        states, energies, certified, info = branch_and_bound_topk(Q, 8, 50, seed_energies=seeds, threads=2)
+        assert certified and info["nodes_pruned"] > 0 and info["threads"] == 2
+        assert sorted(map(tuple, states)) == sorted(c.blocks for c in exact.candidates)
+        np.testing.assert_allclose(np.sort(energies), [c.energy for c in exact.candidates], rtol=1e-12)
+    # stopped after the first chunk of prefixes: not certified, but every state below min(lower bound, K-th
+    # energy) is in the list
+    truth = solve(Q, 8, top_k=3000, method="exact").candidates
+    for max_items in (2, 700, 1200):
+        states, energies, certified, info = branch_and_bound_topk(Q, 8, 50, threads=2, max_items=max_items)
+        assert not certified and info["work_items_done"] == max_items < info["work_items"]
+        cut = min(info["lower_bound"], energies.max())
+        assert truth[-1].energy > cut
+        below = {c.blocks for c in truth if c.energy < cut - 1e-12}
+        assert below <= set(map(tuple, states))
+    assert below, "late in the search the proven bound admits states"
+    result = solve(hessian_like(60, seed=1), 20, top_k=10, method="bnb", time_limit=0.0)
+    assert not result.certified and result.lower_bound is not None
+
+
+def test_branch_and_bound_certifies_large_hessian_like_instances_quickly():
+    import time
+
+    Q = hessian_like(80, seed=96)
+    start = time.perf_counter()
+    result = solve(Q, 16, top_k=100, method="bnb", time_limit=120)
+    assert result.certified, "C(80, 16) = 2.9e16 states, certified by the node bound"
+    assert time.perf_counter() - start < 60
+    energies = [c.energy for c in result.candidates]
+    assert energies == sorted(energies) and len(set(c.blocks for c in result.candidates)) == 100
+    tabu = solve(Q, 16, top_k=100, method="tabu", seed=3)
+    assert tabu.candidates[0].energy >= energies[0] - 1e-9, "nothing a heuristic finds lies below the certified list"
+    assert tabu.candidates[-1].energy >= energies[-1] - 1e-9

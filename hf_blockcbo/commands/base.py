@@ -120,7 +120,9 @@ def add_solver_args(parser: ArgumentParser, remove_required: bool, solver_flag: 
     group = parser.add_argument_group("solver")
     group.add_argument("--remove", type=int, required=remove_required, help="K, the number of blocks to remove")
     group.add_argument("--top-k", type=int, help="lowest-energy states to compute (default 10)")
-    group.add_argument(solver_flag, dest="solver", help="solver: auto, exact, tabu or torch (default auto)")
+    group.add_argument(
+        solver_flag, dest="solver", help="solver: auto, exact, bnb (certified branch and bound), tabu or torch"
+    )
     group.add_argument("--protect", help="blocks never removed, e.g. 0,29")
     group.add_argument("--per-kind", help="exact count per block kind, e.g. attention=2,moe=1 (hybrid models)")
     group.add_argument("--param-budget", type=float, help="remove at least this %% of the parameters (exact solver)")

@@ -21,9 +21,15 @@ class CalibrateCommand(BaseCommand):
             "--device-map", help="Accelerate big-model dispatch, e.g. auto (models larger than a device)"
         )
         scale.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+        scale.add_argument(
+            "--fsdp",
+            action="store_true",
+            help="shard the weights over the launched processes with FSDP2 (also on with `accelerate launch --use_fsdp`)",
+        )
 
     def run(self) -> int:
-        from ..distributed import process_state
+        from ..distributed import fsdp_requested, process_state
+        from ..errors import BlockCBOError
         from ..models import load_model, resolve_model
         from ..pipeline import calibrate
         from ..resume import remove_partials
@@ -31,6 +37,9 @@ class CalibrateCommand(BaseCommand):
         args = self.args
         config = self.config()
         _, world, is_main, state = process_state()
+        fsdp = (args.fsdp or fsdp_requested()) and world > 1
+        if fsdp and args.device_map:
+            raise BlockCBOError("--fsdp and --device-map are two ways to split a model; use one")
         source = resolve_model(config.model, config.revision) if is_main else None
         state.wait_for_everyone()  # the main process converts a GGUF once; the others read the cache
         source = source or resolve_model(config.model, config.revision)
@@ -38,7 +47,7 @@ class CalibrateCommand(BaseCommand):
         if args.device_map is None:
             model.to(state.device)
         artifact = calibrate(
-            model, tokenizer, config, source, not args.no_progress, args.output, args.checkpoint_every
+            model, tokenizer, config, source, not args.no_progress, args.output, args.checkpoint_every, fsdp
         )
         if is_main:
             artifact.save(args.output)

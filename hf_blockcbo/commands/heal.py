@@ -20,6 +20,13 @@ def add_heal_args(parser: ArgumentParser, data_flag: str = "--heal-data") -> Non
     group.add_argument("--alpha-ce", type=float, default=0.0, help="weight of the data cross-entropy (default 0)")
     group.add_argument("--assistant-only", action="store_true", help="chat data: distil on assistant tokens only")
     group.add_argument("--teacher-4bit", action="store_true", help="NF4 teacher via bitsandbytes (CUDA only)")
+    group.add_argument(
+        "--teacher-top-k",
+        type=int,
+        default=0,
+        help="cache the teacher's top-k log-probs once, then train without the teacher in memory (0: live teacher)",
+    )
+    group.add_argument("--teacher-cache", help="file for the cached teacher log-probs (kept; default: temporary)")
     group.add_argument("--save-steps", type=int, default=100, help="checkpoint every N steps (resume on rerun)")
     group.add_argument("--eval-data", help="validation data for perplexity before/after (default: embedded split)")
     group.add_argument("--heal-seed", type=int, default=0, help="training seed")
@@ -36,6 +43,7 @@ def heal_config(args, output_dir: str):
         max_length=args.max_length,
         temperature=args.temperature,
         alpha_ce=args.alpha_ce,
+        teacher_top_k=args.teacher_top_k,
         assistant_only_loss=args.assistant_only,
         save_steps=args.save_steps,
         save_strategy="steps",
@@ -58,6 +66,7 @@ def run_heal(args, student: str, teacher: str) -> dict:
         args.eval_data,
         teacher_4bit=args.teacher_4bit,
         overwrite=args.overwrite,
+        teacher_cache=args.teacher_cache,
     )
     print(
         f"Healed {student} → {args.output} in {report['steps']} steps ({report['train_seconds']:.0f} s): validation "

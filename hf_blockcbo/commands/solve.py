@@ -32,6 +32,8 @@ class SolveCommand(BaseCommand):
 
             plot_spectrum(result, self.args.plot, artifact.block_kinds)
         status = "certified exact" if result.certified else "not certified (heuristic)"
+        if not result.certified and result.lower_bound is not None:
+            status += f"; every state not listed has energy ≥ {result.lower_bound:.6g} (proven bound)"
         print(f"{len(result.candidates)} states by {result.method} in {result.seconds:.2f} s, {status}")
         for c in result.candidates[: min(10, len(result.candidates))]:
             print(f"  rank {c.rank:>3}  energy {c.energy:.6g}  blocks {list(c.blocks)}")

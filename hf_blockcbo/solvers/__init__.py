@@ -22,7 +22,7 @@ from .tabu import tabu_topk
 
 SolverFn = Callable[..., tuple[np.ndarray, np.ndarray, bool, dict]]
 _SOLVERS: dict[str, SolverFn] = {}
-EXACT_LIMIT = 300_000_000  # states; enumeration does about 1e8–1e9 states/s on one core
+BNB_LIMIT = 1e15  # states; beyond, `auto` takes tabu (branch and bound may not finish: give it --time-limit)
 
 
 def register_solver(name: str) -> Callable[[SolverFn], SolverFn]:
@@ -79,6 +79,12 @@ def _solve_branch_and_bound(Q, num_remove, top_k, seed, time_limit, cons):
     states, energies, certified, info = branch_and_bound_topk(
         Q, num_remove, top_k, seed_states, seed_energies, time_limit=left
     )
+    if not certified:  # keep the better of what tabu and the unfinished search found
+        merged = {tuple(int(b) for b in row): float(e) for row, e in zip(seed_states, seed_energies, strict=True)}
+        merged.update({tuple(int(b) for b in row): float(e) for row, e in zip(states, energies, strict=True)})
+        best = sorted(merged.items(), key=lambda item: item[1])[:top_k]
+        states = np.array([list(k) for k, _ in best], dtype=np.int64).reshape(len(best), num_remove)
+        energies = np.array([e for _, e in best])
     return states, energies, certified, info
 
 
@@ -94,9 +100,11 @@ def _auto_method(num_blocks: int, num_remove: int) -> str:
     import torch
 
     count = num_states(num_blocks, num_remove)
-    if torch.cuda.is_available() and 1e8 < count <= 1e13:
+    if count <= 1e6:
+        return "exact"
+    if torch.cuda.is_available() and 1e8 < count <= 1e12:
         return "torch"
-    return "exact" if count <= EXACT_LIMIT else "tabu"
+    return "bnb" if count <= BNB_LIMIT else "tabu"
 
 
 def solve(
@@ -153,6 +161,7 @@ def solve(
         num_remove=num_remove,
         seconds=seconds,
         info={**info, "protected": protected},
+        lower_bound=None if certified else info.get("lower_bound"),
     )
 
 
