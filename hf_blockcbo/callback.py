@@ -78,7 +78,7 @@ class BlockRemovalCallback(TrainerCallback):
             raise BlockCBOError("the trainer passed no dataloader to the callback; give the trainer an eval_dataset")
         return loader
 
-    def _batches(self, dataloader, rank: int, world: int):
+    def _batches(self, dataloader, rank: int, world: int, batch_size: int):
         """(first sample index, batches) of this process's contiguous shard of the loader's samples.
 
         Accelerate's prepared loaders pad the last shard with repeated samples and interleave batches across
@@ -90,16 +90,16 @@ class BlockRemovalCallback(TrainerCallback):
         from .distributed import shard_bounds
 
         dataset = getattr(dataloader, "dataset", None)
-        if world == 1 or dataset is None or not hasattr(dataset, "__len__"):
+        if dataset is None or not hasattr(dataset, "__len__"):
             if world > 1:
                 raise BlockCBOError("multi-process Hessian passes need a map-style (sized) eval/train dataset")
             return 0, iter(dataloader)
         total = len(dataset)
         if self.max_batches is not None:
-            total = min(total, self.max_batches * (dataloader.batch_size or 1) * world)
+            total = min(total, self.max_batches * batch_size * world)
         start, stop = shard_bounds(total, rank, world)
         subset = torch.utils.data.Subset(dataset, range(start, stop))
-        loader = DataLoader(subset, batch_size=dataloader.batch_size or 1, collate_fn=dataloader.collate_fn)
+        loader = DataLoader(subset, batch_size=batch_size, collate_fn=dataloader.collate_fn)
         return start, iter(loader)
 
     def compute(self, args, model, dataloader) -> HessianArtifact:
@@ -114,12 +114,13 @@ class BlockRemovalCallback(TrainerCallback):
         blocks = describe_blocks(model, spec)
         names = [b.name for b in blocks]
         rows, losses = [], []
-        start, batches = self._batches(dataloader, state.process_index, state.num_processes)
+        batch_size = getattr(dataloader, "batch_size", None) or args.per_device_eval_batch_size
+        start, batches = self._batches(dataloader, state.process_index, state.num_processes, batch_size)
         seen = start  # sample index, for error messages
         device = next(model.parameters()).device
         with frozen_eval(model), BlockGates(model, gate=gate) as gates:
             for number, batch in enumerate(batches):
-                if state.num_processes == 1 and self.max_batches is not None and number >= self.max_batches:
+                if self.max_batches is not None and number >= self.max_batches:
                     break
                 ids = batch["input_ids"].to(device)
                 mask = batch.get("attention_mask")

@@ -119,6 +119,7 @@ def calibrate(
             "dtype": dtype,
             "num_parameters": str(count_parameters(model)),
             "num_processes": str(world),
+            "weights_sharded": "fsdp" if lockstep else "no",
             "seconds": f"{seconds:.3f}",
             "package_version": __version__,
         },

@@ -68,19 +68,13 @@ def test_fsdp_sharded_weights_give_the_single_process_rows(tiny_model_dir, tmp_p
     out = tmp_path / "fsdp.safetensors"
     # batch 3 over shards of 4 and 3 samples: 2 batches against 1, so the short shard runs a padding batch
     args = [a if a != "2" else "3" for a in ARGS]
+    # `accelerate launch --use_fsdp` (the documented route) turns the sharding on, as `--fsdp` does
     run = _cli(
-        "calibrate",
-        "--model",
-        str(tiny_model_dir),
-        *args,
-        "--fsdp",
-        "--output",
-        str(out),
-        launcher=_launcher("--multi_gpu"),
+        "calibrate", "--model", str(tiny_model_dir), *args, "--output", str(out), launcher=_launcher("--use_fsdp")
     )
     assert run.returncode == 0, run.stderr[-3000:]
     fsdp = HessianArtifact.load(out)
-    assert fsdp.A.shape == (7, 6)
+    assert fsdp.A.shape == (7, 6) and fsdp.metadata["weights_sharded"] == "fsdp"
     torch.testing.assert_close(fsdp.A, single.A, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fsdp.losses, single.losses, rtol=1e-5, atol=1e-6)
 
@@ -223,7 +217,7 @@ def test_callback_under_two_training_processes_equals_one(tiny_model_dir, tmp_pa
 
     one = _training_run(tiny_model_dir, tmp_path / "one", 1)
     two = _training_run(tiny_model_dir, tmp_path / "two", 2, "--remove-at-step", "2")
-    assert one.A.shape == two.A.shape == (7, 6), "7 eval samples, each exactly once, over uneven shards"
+    assert one.A.shape == two.A.shape == (15, 6), "15 samples, each exactly once, over uneven shards"
     torch.testing.assert_close(two.A, one.A, rtol=1e-5, atol=1e-6)
     assert two.metadata["num_processes"] == "2"
     ranks = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
