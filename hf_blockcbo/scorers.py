@@ -66,6 +66,8 @@ class ScoringContext:
     sleb_samples: int = 16
     progress: bool = False
     _stats: dict | None = None
+    _sleb_steps: list[tuple[int, float]] = field(default_factory=list)  # greedy picks so far (nested over M)
+    _sleb_key: tuple | None = None  # the settings those picks were made under
 
     @classmethod
     def from_config(
@@ -212,9 +214,13 @@ def score_sleb(ctx: ScoringContext, num_remove: int) -> list[Candidate]:
     subset = CalibrationSet(
         ctx.calibration.input_ids[: ctx.sleb_samples], ctx.calibration.attention_mask[: ctx.sleb_samples], "sleb"
     )
-    removed: list[int] = []
-    loss = float("nan")
-    for _ in tqdm(range(num_remove), desc="SLEB greedy", disable=not ctx.progress):
+    # greedy picks are nested (the first M picks for M + 2 are the picks for M): extend the cached sequence
+    key = (tuple(sorted(ctx.protected)), ctx.sleb_samples)
+    if ctx._sleb_key != key:
+        ctx._sleb_key, ctx._sleb_steps = key, []
+    steps = ctx._sleb_steps
+    for _ in tqdm(range(len(steps), num_remove), desc="SLEB greedy", disable=not ctx.progress):
+        removed = [b for b, _ in steps]
         best = None
         for block in range(ctx.num_blocks):
             if block in removed or block in ctx.protected:
@@ -222,9 +228,8 @@ def score_sleb(ctx: ScoringContext, num_remove: int) -> list[Candidate]:
             value = math.log(perplexity(ctx.model, subset, removed + [block], batch_size=ctx.batch_size))
             if best is None or value < best[1]:
                 best = (block, value)
-        removed.append(best[0])
-        loss = best[1]
-    return [ctx.candidate(removed, loss)]
+        steps.append(best)
+    return [ctx.candidate([b for b, _ in steps[:num_remove]], steps[num_remove - 1][1])]
 
 
 @register_scorer("random")

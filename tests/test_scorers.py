@@ -35,7 +35,7 @@ def test_registry_holds_every_method():
 def test_every_scorer_returns_the_right_shape_deterministically(setup, method):
     _, ctx, _ = setup
     first = score(method, ctx, 2)
-    again = score(method, ScoringContext(**{**ctx.__dict__, "_stats": None}), 2)
+    again = score(method, ScoringContext(**{**ctx.__dict__, "_stats": None, "_sleb_steps": [], "_sleb_key": None}), 2)
     assert [c.blocks for c in first] == [c.blocks for c in again]
     for c in first:
         assert len(c.blocks) == 2 and list(c.blocks) == sorted(set(c.blocks)) and all(0 <= b < 6 for b in c.blocks)
@@ -108,3 +108,21 @@ def test_spearman_and_bad_method(setup):
     assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
     with pytest.raises(BlockCBOError, match="unknown method"):
         score("magic", ctx, 2)
+
+
+def test_sleb_reuses_its_nested_greedy_picks(setup, monkeypatch):
+    import hf_blockcbo.scorers as scorers
+
+    _, ctx, _ = setup
+    fresh = ScoringContext(**{**ctx.__dict__, "_stats": None, "_sleb_steps": [], "_sleb_key": None})
+    calls = []
+    real = scorers.perplexity
+    monkeypatch.setattr(scorers, "perplexity", lambda *a, **k: calls.append(1) or real(*a, **k))
+    three = score("sleb", fresh, 3)[0]
+    assert len(calls) == 6 + 5 + 4
+    two = score("sleb", fresh, 2)[0]
+    assert len(calls) == 15 and set(two.blocks) < set(three.blocks), "M=2 is the first two greedy picks, no new work"
+    alone = score("sleb", ScoringContext(**{**ctx.__dict__, "_stats": None, "_sleb_steps": [], "_sleb_key": None}), 2)
+    assert alone[0].blocks == two.blocks
+    fresh.protected = [two.blocks[0]]
+    assert two.blocks[0] not in score("sleb", fresh, 2)[0].blocks, "other settings: the picks are recomputed"
