@@ -270,3 +270,13 @@ def test_branch_and_bound_certifies_large_hessian_like_instances_quickly():
     tabu = solve(Q, 16, top_k=100, method="tabu", seed=3)
     assert tabu.candidates[0].energy >= energies[0] - 1e-9, "nothing a heuristic finds lies below the certified list"
     assert tabu.candidates[-1].energy >= energies[-1] - 1e-9
+
+
+def test_auto_enumerates_small_problems_and_certifies_larger_ones_by_branch_and_bound():
+    small = solve(hessian_like(16, seed=2), 4, top_k=5)
+    assert small.method == "exact" and small.certified
+    large = solve(hessian_like(40, seed=52), 12, top_k=20)
+    assert large.method == "bnb" and large.certified, "C(40, 12) = 5.6e9 states, certified"
+    Q = hessian_like(40, seed=52)
+    energies = [c.energy for c in large.candidates]
+    assert energies[0] <= solve(Q, 12, top_k=1, method="tabu", seed=5).candidates[0].energy + 1e-12

@@ -22,7 +22,7 @@ from .tabu import tabu_topk
 
 SolverFn = Callable[..., tuple[np.ndarray, np.ndarray, bool, dict]]
 _SOLVERS: dict[str, SolverFn] = {}
-BNB_LIMIT = 1e15  # states; beyond, `auto` takes tabu (branch and bound may not finish: give it --time-limit)
+AUTO_TIME_LIMIT = 60.0  # seconds `auto` gives branch and bound when no --time-limit is set
 
 
 def register_solver(name: str) -> Callable[[SolverFn], SolverFn]:
@@ -96,15 +96,19 @@ def _solve_torch(Q, num_remove, top_k, seed, time_limit, cons):
     return states, energies, complete, {"complete": complete}
 
 
-def _auto_method(num_blocks: int, num_remove: int) -> str:
+def _auto_method(num_blocks: int, num_remove: int, constrained: bool) -> str:
     import torch
 
     count = num_states(num_blocks, num_remove)
     if count <= 1e6:
         return "exact"
+    if constrained:  # per-kind counts / budgets: enumeration honours them all, tabu the per-kind counts
+        return "exact" if count <= 3e8 else "tabu"
     if torch.cuda.is_available() and 1e8 < count <= 1e12:
         return "torch"
-    return "bnb" if count <= BNB_LIMIT else "tabu"
+    # branch and bound starts from tabu's list and certifies it when it can; out of time it returns the better of
+    # both, uncertified, with a proven lower bound
+    return "bnb"
 
 
 def solve(
@@ -123,10 +127,11 @@ def solve(
         Q (`array-like` of shape `[N, N]`): energy matrix (the Hessian H, or H with a linear term on its diagonal).
         num_remove (`int`): M, blocks to remove.
         top_k (`int`, defaults to 10): states to return (all states if fewer exist).
-        method (`str`, defaults to `"auto"`): `"exact"`, `"tabu"` or `"auto"` (exact where C(N, M) is small).
+        method (`str`, defaults to `"auto"`): `"exact"`, `"bnb"`, `"tabu"`, `"torch"` or `"auto"` (exact enumeration
+            where C(N, M) ≤ 1e6, else branch and bound within 60 s or ``time_limit``; GPU brute force on CUDA).
         protected (`Sequence[int]`): blocks that are never removed.
         seed (`int`): seed for the stochastic solvers.
-        time_limit (`float`, *optional*): seconds: tabu and torch stop (uncertified), exact refuses up front.
+        time_limit (`float`, *optional*): seconds: bnb, tabu and torch stop (uncertified), exact refuses up front.
         constraints (`Constraints`, *optional*): per-kind counts and/or a parameter budget.
 
     ```python
@@ -141,11 +146,13 @@ def solve(
     index_map = np.array([i for i in range(n) if i not in set(protected)], dtype=np.int64)
     reduced = Q[np.ix_(index_map, index_map)]
     top_k = min(top_k, num_states(len(index_map), num_remove))
-    chosen = _auto_method(len(index_map), num_remove) if method == "auto" else method
+    cons = constraints.encode(index_map, num_remove) if constraints is not None and constraints.active else None
+    chosen = _auto_method(len(index_map), num_remove, cons is not None) if method == "auto" else method
     if chosen not in _SOLVERS:
         raise BlockCBOError(f"unknown solver {method!r}; choose one of {', '.join(available_solvers())}")
+    if method == "auto" and chosen == "bnb" and time_limit is None:
+        time_limit = AUTO_TIME_LIMIT
     start = time.perf_counter()
-    cons = constraints.encode(index_map, num_remove) if constraints is not None and constraints.active else None
     states, energies, certified, info = _SOLVERS[chosen](reduced, num_remove, top_k, seed, time_limit, cons)
     if len(states) == 0:
         raise BlockCBOError("no configuration meets the constraints; relax --per-kind / --param-budget / --protect")
