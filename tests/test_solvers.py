@@ -280,3 +280,12 @@ def test_auto_enumerates_small_problems_and_certifies_larger_ones_by_branch_and_
     Q = hessian_like(40, seed=52)
     energies = [c.energy for c in large.candidates]
     assert energies[0] <= solve(Q, 12, top_k=1, method="tabu", seed=5).candidates[0].energy + 1e-12
+
+
+def test_branch_and_bound_stops_inside_a_huge_subtree_at_the_time_limit():
+    import time
+
+    start = time.perf_counter()
+    result = solve(hessian_like(80, seed=3200), 40, top_k=50, method="bnb", time_limit=1.0)
+    assert time.perf_counter() - start < 4.0, "C(80, 40): the timer stops the compiled search mid-subtree"
+    assert not result.certified and len(result.candidates) == 50 and result.lower_bound is not None

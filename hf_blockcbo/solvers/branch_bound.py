@@ -15,7 +15,8 @@ touched at all.
 
 Work is split into prefixes of three blocks, interleaved over threads (numba ``prange``); each thread keeps its own
 K-best archive and all threads share the best admission threshold (any thread's K-th energy bounds the global K-th).
-Prefixes run in chunks from Python, so the time limit is honoured; an unfinished search returns the best list found,
+A timer raises a flag the compiled search polls at every node, so the time limit is honoured to the millisecond
+whatever the size of a subtree; an unfinished search returns the best list found,
 not certified, with the smallest bound over the prefixes left unexplored (no state outside the list lies below
 ``min(lower_bound, K-th energy)``).
 """
@@ -23,6 +24,7 @@ not certified, with the smallest bound over the prefixes left unexplored (no sta
 from __future__ import annotations
 
 import math
+import threading
 import time
 
 import numpy as np
@@ -102,8 +104,11 @@ def _close_pairs(Q2, g, base, lo, n, chosen, m, energies, states, hashes, size, 
 
 
 @njit(cache=True)
-def _search_prefix(Q, Q2, small, m, prefix, energies, states, hashes, size, shared, stats):
-    """All states that start with ``prefix`` (sorted positions, length L ≤ M − 2), pruned by the node bound."""
+def _search_prefix(Q, Q2, small, m, prefix, energies, states, hashes, size, shared, stats, stop):
+    """All states that start with ``prefix`` (sorted positions, length L ≤ M − 2), pruned by the node bound.
+
+    Returns False when ``stop[0]`` was raised (by the time-limit timer) before the subtree was finished.
+    """
     n = Q.shape[0]
     L = prefix.shape[0]
     field = np.zeros((m + 1, n))
@@ -123,6 +128,8 @@ def _search_prefix(Q, Q2, small, m, prefix, energies, states, hashes, size, shar
     fresh[L] = True
     depth = L
     while depth >= L:
+        if stop[0] != 0:
+            return False
         if fresh[depth]:
             fresh[depth] = False
             lo = pos[depth]
@@ -156,13 +163,19 @@ def _search_prefix(Q, Q2, small, m, prefix, energies, states, hashes, size, shar
         pos[depth + 1] = j + 1
         fresh[depth + 1] = True
         depth += 1
+    return True
 
 
-@njit(cache=True, parallel=True)
-def _run_items(Q, Q2, small, m, items, first, last, threads, energies, states, hashes, sizes, shared, stats):
+@njit(cache=True, parallel=True, nogil=True)
+def _run_items(
+    Q, Q2, small, m, items, first, last, threads, energies, states, hashes, sizes, shared, stats, stop, done
+):
     for t in prange(threads):
         for i in range(first + t, last, threads):
-            _search_prefix(Q, Q2, small, m, items[i], energies[t], states[t], hashes[t], sizes[t], shared, stats[t])
+            if _search_prefix(
+                Q, Q2, small, m, items[i], energies[t], states[t], hashes[t], sizes[t], shared, stats[t], stop
+            ):
+                done[i] = True
 
 
 @njit(cache=True)
@@ -239,34 +252,59 @@ def branch_and_bound_topk(
         kth = float(np.sort(seed_energies)[top_k - 1])
         shared[0] = kth + 1e-12 * max(1.0, abs(kth))  # K distinct states at or below it exist
     start = time.perf_counter()
+    finished = np.zeros(len(items), dtype=np.bool_)
+    stop_flag = np.zeros(1, dtype=np.int64)
+    timer = None
+    if time_limit is not None:  # raises the flag the compiled search polls at every node: no overrun
+        timer = threading.Timer(max(0.0, time_limit), lambda: stop_flag.__setitem__(0, 1))
+        timer.daemon = True
+        timer.start()
     done = 0
     chunk = threads
     stop = len(items) if max_items is None else min(len(items), max_items)
-    while done < stop:
-        last = min(stop, done + chunk)
-        _run_items(Qs, Q2, small, m, items, done, last, threads, energies, states, hashes, sizes, shared, stats)
-        done = last
-        elapsed = time.perf_counter() - start
-        if time_limit is not None and elapsed > time_limit:
-            break
-        chunk = min(4096, chunk * 2) if elapsed < 0.5 else chunk  # grow chunks while the calls are short
+    try:
+        while done < stop and stop_flag[0] == 0:
+            last = min(stop, done + chunk)
+            _run_items(
+                Qs,
+                Q2,
+                small,
+                m,
+                items,
+                done,
+                last,
+                threads,
+                energies,
+                states,
+                hashes,
+                sizes,
+                shared,
+                stats,
+                stop_flag,
+                finished,
+            )
+            done = last
+            chunk = min(4096, chunk * 2) if time.perf_counter() - start < 0.5 else chunk  # grow while calls are short
+    finally:
+        if timer is not None:
+            timer.cancel()
     found_states = np.concatenate([states[t, : sizes[t, 0]] for t in range(threads)])
     found_energies = np.concatenate([energies[t, : sizes[t, 0]] for t in range(threads)])
     best = np.argsort(found_energies, kind="stable")[:top_k]
     found_states, found_energies = found_states[best], found_energies[best]
-    certified = done == len(items)
+    certified = bool(finished.all())
     lower_bound = None
     if not certified:
         bounds = np.full(len(items), np.inf)
-        _items_bound(Qs, small, m, items, done, bounds)
-        lower_bound = float(bounds[done:].min())
+        _items_bound(Qs, small, m, items, 0, bounds)
+        lower_bound = float(bounds[~finished].min())
     info = {
         "threads": threads,
         "nodes_bounded": int(stats[:, 0].sum()),
         "pair_rows_scanned": int(stats[:, 1].sum()),
         "nodes_pruned": int(stats[:, 2].sum()),
         "work_items": len(items),
-        "work_items_done": done,
+        "work_items_done": int(finished.sum()),
         "lower_bound": lower_bound,
     }
     return np.sort(order[found_states], axis=1), found_energies, certified, info
