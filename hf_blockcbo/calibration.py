@@ -143,9 +143,7 @@ def compute_gate_gradients(
     if lockstep:
         from .distributed import lockstep_counts
 
-        done = (done // batch_size) * batch_size
-        done, most = lockstep_counts(done, -(-(len(calibration) - done) // batch_size))
-        padding_batches = most - -(-(len(calibration) - done) // batch_size)
+        done, _, padding_batches = lockstep_counts(done, len(calibration), batch_size)
         if resumed is not None:
             rows, losses = [resumed[0][:done]], [resumed[1][:done]]
     if done:

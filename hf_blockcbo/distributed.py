@@ -85,10 +85,15 @@ def shard_model_fsdp(model: torch.nn.Module, layers: torch.nn.ModuleList) -> tor
     return model
 
 
-def lockstep_counts(done: int, batches: int) -> tuple[int, int]:
-    """(rows every process keeps from its resume file, batches every process runs): FSDP needs all processes to run
-    the same forwards, so resumed work is cut to the common minimum and short shards run padding batches."""
+def lockstep_counts(done: int, num_samples: int, batch_size: int) -> tuple[int, int, int]:
+    """(rows to keep from the resume file, batches to run, padding batches) for this process.
+
+    FSDP needs every process to run the same forwards, so resumed work is cut to a whole number of batches every
+    process has, and shards with fewer batches left run padding batches (their rows are dropped).
+    """
     from accelerate.utils import gather_object
 
-    counts = gather_object([(done, batches)])
-    return min(c[0] for c in counts), max(c[1] for c in counts)
+    done = min(gather_object([(done // batch_size) * batch_size]))
+    mine = -(-(num_samples - done) // batch_size)
+    most = max(gather_object([mine]))
+    return done, mine, most - mine

@@ -127,7 +127,9 @@ class DistillationSFTTrainer(SFTTrainer):
                 f"T={cached.temperature}); delete it or choose another --teacher-cache"
             )
         if self.accelerator.is_main_process:
-            teacher = _materialise(teacher).to(self.accelerator.device)
+            teacher = _materialise(teacher)
+            if getattr(teacher, "hf_quantizer", None) is None and getattr(teacher, "hf_device_map", None) is None:
+                teacher = teacher.to(self.accelerator.device)  # quantised / dispatched teachers are placed already
             built = build_teacher_topk(
                 teacher,
                 self.train_dataset["input_ids"],

@@ -183,29 +183,8 @@ def test_callback_writes_the_artifact_and_removes_blocks_mid_training(tiny_model
 
 def _training_run(model_dir, out, processes: int, *extra):
     script = os.path.join(os.path.dirname(__file__), "multiprocess_training.py")
-    if processes == 1:
-        cmd = [sys.executable, script, str(model_dir), str(out), *extra]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            str(processes),
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            str(free_port()),
-            script,
-            str(model_dir),
-            str(out),
-            *extra,
-        ]
+    launcher = [sys.executable] if processes == 1 else _launcher("--multi_gpu")
+    cmd = [*launcher, script, str(model_dir), str(out), *extra]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     return HessianArtifact.load(out / "run" / "hessian.safetensors")
