@@ -179,13 +179,18 @@ def write_comparison(comparison: Comparison, output_dir: str | os.PathLike, num_
         return written
     fig, (left, mid, right) = plt.subplots(1, 3, figsize=(17, 4.8))
     methods = sorted({r.method for r in comparison.rows})
+    cap = 30 * comparison.baseline_test_ppl  # a collapsed method would squash every other curve: clip and mark it
     for method in methods:
         points = sorted((r.num_remove, r.test_ppl) for r in comparison.rows if r.method == method)
-        left.plot([p[0] for p in points], [p[1] for p in points], "o-", label=method)
+        shown = [min(p[1], cap) if math.isfinite(p[1]) else cap for p in points]
+        (line,) = left.plot([p[0] for p in points], shown, "o-", label=method)
+        for (m, value), y in zip(points, shown, strict=True):
+            if y == cap and not value <= cap:
+                left.annotate(f"{value:.2g}", (m, y), fontsize=6, color=line.get_color(), ha="center", va="bottom")
     left.axhline(comparison.baseline_test_ppl, color="grey", ls=":", label="unpruned")
     left.set_yscale("log")
     left.set_xlabel("blocks removed")
-    left.set_ylabel("test perplexity")
+    left.set_ylabel(f"test perplexity (clipped at {cap:.0f})")
     left.legend(fontsize=7)
     left.set_title("perplexity vs blocks removed")
     for m, points in sorted(comparison.spectra.items()):
