@@ -138,29 +138,49 @@ def _render(record: dict, tokenizer) -> str:
 
 
 # -- tokenising ---------------------------------------------------------------------------------------------------
+def _bos_prefix(tokenizer) -> list[int]:
+    """``[bos]`` when the tokenizer starts every text with its BOS token (Gemma, Llama 2/3, ...), else ``[]``.
+
+    Samples are tokenised without special tokens (packed windows and chat templates place their own), so each
+    sample gets the BOS the model was trained to see first; models such as Gemma degrade badly without it.
+    """
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return []
+    return [bos] if tokenizer("a")["input_ids"][:1] == [bos] else []
+
+
 def _pack(texts: list[str], tokenizer, num_samples: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    prefix = _bos_prefix(tokenizer)
+    window = seq_len - len(prefix)
     stream: list[int] = []
-    needed = num_samples * seq_len
+    needed = num_samples * window
     for text in texts:
         stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + separator)
         if len(stream) >= needed:
             break
-    available = len(stream) // seq_len
+    available = len(stream) // window
     if available < num_samples:
         raise BlockCBOError(
             f"the calibration data holds {len(stream)} tokens: {available} samples of {seq_len} tokens, "
             f"but {num_samples} were asked for; give more text or lower --num-samples / --seq-len"
         )
-    ids = torch.tensor(stream[:needed], dtype=torch.long).view(num_samples, seq_len)
+    ids = torch.tensor(stream[:needed], dtype=torch.long).view(num_samples, window)
+    if prefix:
+        ids = torch.cat([torch.full((num_samples, 1), prefix[0], dtype=torch.long), ids], dim=1)
     return ids, torch.ones_like(ids)
 
 
 def _truncate(texts: list[str], tokenizer, num_samples: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    prefix = _bos_prefix(tokenizer)
     rows = []
     for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:seq_len]
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if prefix and ids[:1] != prefix:  # a chat template may already start with the BOS token
+            ids = prefix + ids
+        ids = ids[:seq_len]
         if len(ids) >= 2:  # one predicted token at least
             rows.append(ids)
         if len(rows) == num_samples:

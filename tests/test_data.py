@@ -66,3 +66,25 @@ def test_too_short_data_is_refused(tokenizer, tmp_path):
     path.write_text("Too short.")
     with pytest.raises(BlockCBOError, match="lower --num-samples"):
         build_calibration_set(tokenizer, str(path), num_samples=4, seq_len=64)
+
+
+def test_every_sample_starts_with_bos_when_the_tokenizer_adds_one(tokenizer, tmp_path):
+    import copy
+
+    from tokenizers import processors
+
+    bos = tokenizer.bos_token_id
+    with_bos = copy.deepcopy(tokenizer)
+    with_bos._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    assert with_bos("a")["input_ids"][0] == bos and tokenizer("a")["input_ids"][0] != bos
+    packed = build_calibration_set(with_bos, None, num_samples=4, seq_len=16)
+    assert packed.input_ids.shape == (4, 16) and (packed.input_ids[:, 0] == bos).all()
+    assert (packed.input_ids[:, 1:] != bos).all(), "one BOS per window, then text"
+    plain = build_calibration_set(tokenizer, None, num_samples=4, seq_len=16)
+    assert (plain.input_ids[:, 0] != bos).any(), "tokenizers without a BOS habit are left as they are"
+    chat = tmp_path / "chat.jsonl"
+    record = {"messages": [{"role": "user", "content": "Is it a truth universally acknowledged?"}]}
+    chat.write_text((json.dumps(record) + "\n") * 2)
+    rows = build_calibration_set(with_bos, str(chat), num_samples=2, seq_len=32, packing="truncate")
+    first = rows.input_ids[0, : int(rows.attention_mask[0].sum())].tolist()
+    assert first[0] == bos and first[1] != bos, "the chat template's own BOS is not doubled"
