@@ -8,8 +8,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from ._version import __version__ as __version__
 
-__version__ = "0.1.0"
 
 _EXPORTS = {
     "BlockCBOError": "errors",

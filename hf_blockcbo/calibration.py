@@ -73,10 +73,50 @@ def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def sample_model_targets(logits: torch.Tensor, generator: torch.Generator, chunk: int = 256) -> torch.Tensor:
+    """Next tokens drawn from the model's own predictive distribution, ``[batch, T]`` (position t holds the token
+    drawn after position t), chunk by chunk over positions so a 262k vocabulary never needs a second full copy."""
+    flat = logits.detach().reshape(-1, logits.shape[-1])
+    drawn = torch.empty(flat.shape[0], dtype=torch.long, device=logits.device)
+    for lo in range(0, flat.shape[0], chunk):
+        probs = torch.softmax(flat[lo : lo + chunk].float(), dim=-1).cpu()
+        drawn[lo : lo + chunk] = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(logits.device)
+    return drawn.view(logits.shape[:-1])
+
+
+def fisher_sample_seed(seed: int, index: int) -> int:
+    """The generator seed of calibration sample ``index`` under the Fisher estimator's ``seed``."""
+    return seed * 1_000_003 + index
+
+
+def fisher_sample_loss(logits: torch.Tensor, drawn: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(1/√T)·Σ_t −log p(ŷ_t) per sample, ŷ drawn from the unpruned model: E[∇∇ᵀ] is the Hessian at α = 1 of the
+    mean per-token KL(unpruned ‖ gated), so ½·xᵀHx estimates that KL."""
+    valid = (attention_mask[:, 1:] * attention_mask[:, :-1]).to(torch.float32)
+    token_loss = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), drawn[:, :-1].reshape(-1), reduction="none"
+    ).view(valid.shape)
+    counts = valid.sum(dim=1)
+    if bool((counts == 0).any()):
+        raise BlockCBOError("a calibration sample has no target token (fewer than 2 real tokens); drop it")
+    return (token_loss * valid).sum(dim=1) / counts.sqrt()
+
+
 def gate_gradients_for_batch(
-    model: nn.Module, gates: BlockGates, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    model: nn.Module,
+    gates: BlockGates,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    sample_seeds: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradient rows ``[batch, N]`` (float32) and per-sample losses ``[batch]`` for one batch, in one backward."""
+    """Gradient rows ``[batch, N]`` (float32) and per-sample losses ``[batch]`` for one batch, in one backward.
+
+    Without ``sample_seeds`` the rows are gradients of each sample's mean cross-entropy on the data's next tokens (the
+    paper's empirical estimator). With ``sample_seeds`` (one per sample) the targets are drawn from the model's own
+    predictive distribution (the same forward's logits, detached; sample i with a generator seeded by
+    ``sample_seeds[i]``, so the draw does not depend on the batch) and the rows are those of
+    :func:`fisher_sample_loss`: the Fisher estimator, at the same cost.
+    """
     device = _model_device(model)
     input_ids = input_ids.to(device)
     attention_mask = attention_mask.to(device)
@@ -85,7 +125,16 @@ def gate_gradients_for_batch(
     try:
         with torch.enable_grad():
             logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            losses = per_sample_loss(logits, input_ids, attention_mask)
+            if sample_seeds is None:
+                losses = per_sample_loss(logits, input_ids, attention_mask)
+            else:
+                drawn = torch.stack(
+                    [
+                        sample_model_targets(logits[i : i + 1], torch.Generator().manual_seed(seed))[0]
+                        for i, seed in enumerate(sample_seeds)
+                    ]
+                )
+                losses = fisher_sample_loss(logits, drawn, attention_mask)
             del logits
             losses.sum().backward()
     finally:
@@ -114,6 +163,7 @@ def compute_gate_gradients(
     checkpoint_every: int = 0,
     first_index: int = 0,
     lockstep: bool = False,
+    fisher_seed: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample gate gradients A (``[m, N]`` float32) and per-sample losses at α = 1 (``[m]``).
 
@@ -128,6 +178,8 @@ def compute_gate_gradients(
         lockstep (`bool`, defaults to `False`): every process runs the same number of batches (FSDP: each forward
             is a collective); short shards repeat their last batch and drop its rows, resumed rows are cut to the
             count every process has.
+        fisher_seed (`int`, *optional*): draw the targets from the model itself (Fisher estimator); the draw of
+            sample i depends only on (seed, i), so shards, resumes and batch sizes give the same rows.
     """
     if len(calibration) == 0:
         raise BlockCBOError("the calibration set is empty; give at least one sample")
@@ -158,7 +210,10 @@ def compute_gate_gradients(
             for _ in range(padding_batches):  # rows dropped: only the collective forwards/backwards matter
                 gate_gradients_for_batch(model, gates, pad_ids, pad_mask)
         for batch_no, (start, ids, mask) in enumerate(batches, start=1):
-            grad, loss = gate_gradients_for_batch(model, gates, ids, mask)
+            seeds = None
+            if fisher_seed is not None:
+                seeds = [fisher_sample_seed(fisher_seed, first_index + done + start + i) for i in range(ids.shape[0])]
+            grad, loss = gate_gradients_for_batch(model, gates, ids, mask, seeds)
             _check_finite(grad, first_index + done + start, names)
             rows.append(grad.cpu())
             losses.append(loss.cpu())

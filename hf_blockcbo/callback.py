@@ -16,18 +16,14 @@ all processes remove the same blocks; DDP then needs ``ddp_find_unused_parameter
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
-from .architectures import count_parameters, describe_blocks, get_architecture
-from .calibration import _check_finite, frozen_eval, gate_gradients_for_batch
 from .config import BlockRemovalConfig
 from .errors import BlockCBOError
-from .gates import BlockGates, resolve_gate_kind
 from .hessian import HessianArtifact
 from .removal import remove_blocks
 
@@ -78,91 +74,66 @@ class BlockRemovalCallback(TrainerCallback):
             raise BlockCBOError("the trainer passed no dataloader to the callback; give the trainer an eval_dataset")
         return loader
 
-    def _batches(self, dataloader, rank: int, world: int, batch_size: int):
-        """(first sample index, batches) of this process's contiguous shard of the loader's samples.
+    def _samples(self, dataloader, world: int, batch_size: int):
+        """The loader's samples as one `CalibrationSet` (right-padded to the longest), in dataset order.
 
         Accelerate's prepared loaders pad the last shard with repeated samples and interleave batches across
-        processes; with a map-style dataset the callback instead shards the samples by index itself (uneven shards,
-        no duplicates), so the gathered rows are in sample order and equal the single-process rows.
+        processes; with a map-style dataset the callback instead reads the samples by index with the trainer's
+        collator, and the pipeline shards them by index (uneven shards, no duplicates), so the gathered rows are in
+        sample order and equal the single-process rows.
         """
         from torch.utils.data import DataLoader
 
-        from .distributed import shard_bounds
+        from .data import CalibrationSet
 
         dataset = getattr(dataloader, "dataset", None)
         if dataset is None or not hasattr(dataset, "__len__"):
             if world > 1:
                 raise BlockCBOError("multi-process Hessian passes need a map-style (sized) eval/train dataset")
-            return 0, iter(dataloader)
-        total = len(dataset)
-        if self.max_batches is not None:
-            total = min(total, self.max_batches * batch_size * world)
-        start, stop = shard_bounds(total, rank, world)
-        subset = torch.utils.data.Subset(dataset, range(start, stop))
-        loader = DataLoader(subset, batch_size=batch_size, collate_fn=dataloader.collate_fn)
-        return start, iter(loader)
+            batches = iter(dataloader)
+        else:
+            total = len(dataset)
+            if self.max_batches is not None:
+                total = min(total, self.max_batches * batch_size * world)
+            subset = torch.utils.data.Subset(dataset, range(total))
+            batches = iter(DataLoader(subset, batch_size=batch_size, collate_fn=dataloader.collate_fn))
+        ids, masks = [], []
+        for number, batch in enumerate(batches):
+            if self.max_batches is not None and world == 1 and number >= self.max_batches:
+                break
+            ids.append(batch["input_ids"].cpu())
+            mask = batch.get("attention_mask")
+            masks.append(torch.ones_like(ids[-1]) if mask is None else mask.cpu())
+        if not ids:
+            raise BlockCBOError("the callback's dataloader gave no batch")
+        width = max(t.shape[1] for t in ids)
+        input_ids = torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in ids])
+        attention_mask = torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in masks])
+        return CalibrationSet(input_ids, attention_mask, "trainer dataloader")
 
     def compute(self, args, model, dataloader) -> HessianArtifact:
+        """The artifact of ``config`` over the loader's samples, by the same pipeline as `hf-blockcbo calibrate`."""
         from accelerate import PartialState
 
-        from . import __version__
-        from .distributed import gather_rows
+        from .models import ModelSource
+        from .pipeline import calibrate
 
         state = PartialState()
-        spec = get_architecture(model)
-        gate = resolve_gate_kind(spec, self.config.gate)
-        blocks = describe_blocks(model, spec)
-        names = [b.name for b in blocks]
-        rows, losses = [], []
         batch_size = getattr(dataloader, "batch_size", None) or args.per_device_eval_batch_size
-        start, batches = self._batches(dataloader, state.process_index, state.num_processes, batch_size)
-        seen = start  # sample index, for error messages
-        device = next(model.parameters()).device
-        with frozen_eval(model), BlockGates(model, gate=gate) as gates:
-            for number, batch in enumerate(batches):
-                if self.max_batches is not None and number >= self.max_batches:
-                    break
-                ids = batch["input_ids"].to(device)
-                mask = batch.get("attention_mask")
-                mask = torch.ones_like(ids) if mask is None else mask.to(device)
-                grad, loss = gate_gradients_for_batch(model, gates, ids, mask)
-                _check_finite(grad, seen, names)
-                seen += grad.shape[0]
-                rows.append(grad.cpu())
-                losses.append(loss.cpu())
-        A = torch.cat(rows) if rows else torch.zeros(0, len(names))
-        loss = torch.cat(losses) if losses else torch.zeros(0)
-        if state.num_processes > 1:
-            A, loss = gather_rows(start, A, loss)
-        if A.shape[0] == 0:
-            raise BlockCBOError("the callback's dataloader gave no batch")
-        artifact = HessianArtifact(
-            A=A,
-            block_names=names,
-            block_kinds=[b.kind for b in blocks],
-            block_num_parameters=[b.num_parameters for b in blocks],
-            losses=loss,
-            metadata={
-                "model": str(getattr(model.config, "_name_or_path", "")),
-                "dataset": "trainer dataloader",
-                "num_samples": str(A.shape[0]),
-                "gate": gate,
-                "num_processes": str(state.num_processes),
-                "num_parameters": str(count_parameters(model)),
-                "package_version": __version__,
-            },
-        )
+        calibration = self._samples(dataloader, state.num_processes, batch_size)
+        name = str(getattr(model.config, "_name_or_path", "") or "")
+        source = ModelSource(model_id=name, revision=None, base_model=None, path=name)
+        config = self.config.replace(batch_size=batch_size)
+        artifact = calibrate(model, None, config, source, progress=False, calibration=calibration)
         self.artifact = artifact
         if state.is_main_process:
             out = Path(args.output_dir)
             out.mkdir(parents=True, exist_ok=True)
             artifact.save(out / "hessian.safetensors")
             if self.config.num_remove:
-                from .pipeline import solve_artifact
+                from .pipeline import solve_artifact, write_candidates
 
-                result = solve_artifact(artifact, self.config)
-                payload = [c.to_dict() for c in result.candidates]
-                (out / "candidates.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+                write_candidates(solve_artifact(artifact, self.config), out / "candidates.json")
         state.wait_for_everyone()
         return artifact
 

@@ -39,7 +39,24 @@ class BlockRemovalConfig:
     batch_size: int = field(default=8, metadata={"help": "Samples per forward/backward in the Hessian pass."})
     packing: str = field(default="auto", metadata={"help": "pack, truncate, or auto (truncate chat, pack text)."})
     gate: str = field(default="auto", metadata={"help": "Gate kind: branch (paper Eq. 1-2), layer, or auto."})
-    beta: float = field(default=0.0, metadata={"help": "Weight of the first-order term (paper: 0)."})
+    curvature: str = field(
+        default="measured",
+        metadata={
+            "help": "Energy estimator: measured (pairwise measured KL; default, see README), fisher (model-sampled "
+            "Fisher) or empirical (the paper's Eq. 6)."
+        },
+    )
+    measured_pairs: int | None = field(
+        default=14,
+        metadata={"help": "measured: pairs among this many least-damaging blocks (None: all pairs)."},
+    )
+    measured_samples: int = field(
+        default=8, metadata={"help": "measured: calibration samples the damage is averaged over."}
+    )
+    damage: str = field(
+        default="kl", metadata={"help": "measured: kl (to the unpruned model) or ce (cross-entropy increase)."}
+    )
+    beta: float = field(default=0.0, metadata={"help": "Weight of the first-order term (paper: 0; empirical only)."})
     num_remove: int | None = field(default=None, metadata={"help": "M, the number of blocks to remove."})
     top_k: int = field(default=10, metadata={"help": "Number of lowest-energy states to return."})
     solver: str = field(default="auto", metadata={"help": "Solver: auto, exact, bnb, tabu or torch."})
@@ -72,6 +89,23 @@ class BlockRemovalConfig:
                 raise BlockCBOError(f"{name} must be a positive integer, got {value!r}")
         if self.num_remove is not None and (not isinstance(self.num_remove, int) or self.num_remove <= 0):
             raise BlockCBOError(f"num_remove must be a positive integer, got {self.num_remove!r}")
+        from .curvature import available_curvatures
+
+        if self.curvature not in available_curvatures():
+            raise BlockCBOError(
+                f"curvature must be one of {', '.join(available_curvatures())}, got {self.curvature!r}"
+            )
+        if self.damage not in ("kl", "ce"):
+            raise BlockCBOError(f"damage must be 'kl' or 'ce', got {self.damage!r}")
+        if self.measured_pairs is not None and (not isinstance(self.measured_pairs, int) or self.measured_pairs < 0):
+            raise BlockCBOError(f"measured_pairs must be a non-negative integer or None, got {self.measured_pairs!r}")
+        if not isinstance(self.measured_samples, int) or self.measured_samples <= 0:
+            raise BlockCBOError(f"measured_samples must be a positive integer, got {self.measured_samples!r}")
+        if self.beta and self.curvature != "empirical":
+            raise BlockCBOError(
+                f"beta weighs the data's mean gradient: only curvature 'empirical' has one, not "
+                f"{self.curvature!r}; set beta to 0"
+            )
         if self.select not in ("validation", "energy"):
             raise BlockCBOError(f"select must be 'validation' or 'energy', got {self.select!r}")
         if not isinstance(self.validation_samples, int) or self.validation_samples <= 0:
@@ -124,7 +158,7 @@ class BlockRemovalConfig:
         return cls.from_dict(values)
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        from . import __version__
+        from ._version import __version__
 
         path = Path(directory) / CONFIG_NAME
         write_json_atomic(path, {**self.to_dict(), "package_version": __version__})
@@ -149,7 +183,7 @@ class BlockRemovalConfig:
         """Upload this config as ``block_removal_config.json`` (one commit)."""
         from huggingface_hub import CommitOperationAdd, HfApi
 
-        from . import __version__
+        from ._version import __version__
 
         payload = json.dumps({**self.to_dict(), "package_version": __version__}, indent=2, sort_keys=True).encode()
         api = HfApi(token=token)

@@ -1,8 +1,11 @@
 """Calibration data: text files, JSONL (`text` or chat `messages`), `datasets` datasets, or the embedded sample.
 
 Everything becomes a :class:`CalibrationSet`: token ids ``[m, seq_len]`` with an attention mask (right padding).
-Plain text is *packed* (documents joined with EOS and cut into full windows); records are *truncated* (one sample
-per record, padded) unless ``packing`` says otherwise. Chat records are rendered with the tokenizer's chat template.
+Plain text is *packed*: documents are joined with EOS (the paragraphs of one text are one document, joined with blank
+lines, so EOS only ever separates documents), the stream is cut into full windows, and ``num_samples`` of them are
+drawn, seeded, from the whole source rather than its first tokens. Records are *truncated* (one sample per record,
+padded, records shuffled with the seed) unless ``packing`` says otherwise. Chat records are rendered with the
+tokenizer's chat template. The token ids, and so :attr:`CalibrationSet.fingerprint`, cover every one of these choices.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import BlockCBOError
@@ -111,9 +115,9 @@ def _records_from_dataset(source: str, split: str) -> list[dict]:
 def load_records(source: str | None, split: str = "train") -> tuple[list[dict], str]:
     """Records `{"text": ...}` or `{"messages": [...]}` and a description of where they came from."""
     if source is None or source == EMBEDDED:
-        return [{"text": p} for p in embedded_documents("calibration")], EMBEDDED
+        return [{"text": "\n\n".join(embedded_documents("calibration"))}], EMBEDDED
     if source.startswith(EMBEDDED + ":"):
-        return [{"text": p} for p in embedded_documents(source.split(":", 1)[1])], source
+        return [{"text": "\n\n".join(embedded_documents(source.split(":", 1)[1]))}], source
     path = Path(source)
     if path.is_file():
         if path.suffix in (".jsonl", ".json"):
@@ -150,33 +154,51 @@ def _bos_prefix(tokenizer) -> list[int]:
     return [bos] if tokenizer("a")["input_ids"][:1] == [bos] else []
 
 
-def _pack(texts: list[str], tokenizer, num_samples: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _pack(
+    texts: list[str], tokenizer, num_samples: int, seq_len: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Join the documents with EOS, cut the stream into full windows, and draw ``num_samples`` of them (seeded).
+
+    Documents are tokenised in a seeded order until the stream holds a generous multiple of what is needed (a huge
+    corpus is not tokenised whole); a single document is always tokenised whole, so windows come from all of it.
+    """
     separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     prefix = _bos_prefix(tokenizer)
     window = seq_len - len(prefix)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(texts)) if len(texts) > 1 else [0]
     stream: list[int] = []
     needed = num_samples * window
-    for text in texts:
-        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + separator)
-        if len(stream) >= needed:
+    for index in order:
+        stream.extend(tokenizer(texts[int(index)], add_special_tokens=False)["input_ids"] + separator)
+        if len(stream) >= 8 * needed:
             break
+    if separator and stream:
+        stream.pop()  # EOS only *between* documents
     available = len(stream) // window
     if available < num_samples:
         raise BlockCBOError(
             f"the calibration data holds {len(stream)} tokens: {available} samples of {seq_len} tokens, "
             f"but {num_samples} were asked for; give more text or lower --num-samples / --seq-len"
         )
-    ids = torch.tensor(stream[:needed], dtype=torch.long).view(num_samples, window)
+    offset = int(rng.integers(0, len(stream) - available * window + 1))
+    chosen = rng.choice(available, size=num_samples, replace=False)  # random order: any prefix is a random draw too
+    windows = torch.tensor(stream[offset : offset + available * window], dtype=torch.long).view(available, window)
+    ids = windows[torch.from_numpy(chosen)]
     if prefix:
         ids = torch.cat([torch.full((num_samples, 1), prefix[0], dtype=torch.long), ids], dim=1)
     return ids, torch.ones_like(ids)
 
 
-def _truncate(texts: list[str], tokenizer, num_samples: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _truncate(
+    texts: list[str], tokenizer, num_samples: int, seq_len: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sample per record, records taken in a seeded order, right-padded to the longest."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     prefix = _bos_prefix(tokenizer)
     rows = []
-    for text in texts:
+    for index in np.random.default_rng(seed).permutation(len(texts)):
+        text = texts[int(index)]
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if prefix and ids[:1] != prefix:  # a chat template may already start with the BOS token
             ids = prefix + ids
@@ -206,6 +228,7 @@ def build_calibration_set(
     seq_len: int = 256,
     packing: str = "auto",
     split: str = "train",
+    seed: int = 0,
 ) -> CalibrationSet:
     """Tokenise calibration data into `num_samples` samples of at most `seq_len` tokens.
 
@@ -218,6 +241,7 @@ def build_calibration_set(
         seq_len (`int`, defaults to 256): tokens per sample.
         packing (`str`, defaults to `"auto"`): `"pack"` (join and cut into full windows), `"truncate"` (one sample
             per record), or `"auto"` (truncate chat records, pack text).
+        seed (`int`, defaults to 0): which windows are drawn from the packed stream / the order records are taken in.
     """
     if num_samples <= 0:
         raise BlockCBOError(f"--num-samples must be positive, got {num_samples}")
@@ -232,5 +256,5 @@ def build_calibration_set(
     if packing == "auto":
         packing = "truncate" if any("messages" in r for r in records) else "pack"
     build = _pack if packing == "pack" else _truncate
-    input_ids, attention_mask = build(texts, tokenizer, num_samples, seq_len)
+    input_ids, attention_mask = build(texts, tokenizer, num_samples, seq_len, seed)
     return CalibrationSet(input_ids=input_ids, attention_mask=attention_mask, source=description)

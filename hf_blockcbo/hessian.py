@@ -1,8 +1,14 @@
-"""The Hessian artifact: per-sample gate gradients A, H = AᵀA/m, and where they came from — one safetensors file.
+"""The Hessian artifact: the per-sample terms of the energy matrix, H, and where they came from — one safetensors file.
 
-Tensors: ``A`` (m×N float32), ``H`` (N×N float64), ``g`` (mean gradient, N float64), ``losses`` (per-sample loss at
-α = 1, m float32). Metadata (strings; JSON where structured): ``block_names``, ``block_kinds``, ``block_num_parameters``,
-``num_samples``, ``seq_len``, ``model``, ``revision``, ``dataset``, ``gate``, ``package_version``, ``num_parameters``.
+Two kinds of per-sample terms, by curvature estimator (metadata ``curvature``):
+
+- ``empirical`` and ``fisher``: per-sample gate gradients ``A`` (m×N float32), H = AᵀA/m;
+- ``measured``: per-sample energy matrices ``Q_samples`` (m×N×N float64, see :mod:`hf_blockcbo.measured`), H their mean.
+
+Tensors: ``A`` or ``Q_samples``, ``H`` (N×N float64), ``g`` (mean gradient, N float64; zero for ``measured``),
+``losses`` (per-sample loss at α = 1, m float32), and estimator extras (e.g. ``Q_samples_ce``). Metadata (strings; JSON
+where structured): ``block_names``, ``block_kinds``, ``block_num_parameters``, ``num_samples``, ``seq_len``,
+``model``, ``revision``, ``dataset``, ``gate``, ``curvature``, ``package_version``, ``num_parameters``.
 Loading needs no pickle.
 """
 
@@ -28,46 +34,115 @@ class HessianArtifact:
     """Per-sample gate gradients and the Hessian approximation built from them.
 
     Args:
-        A (`torch.Tensor` of shape `[m, N]`): per-sample gradients of the cross-entropy w.r.t. the gates.
+        A (`torch.Tensor` of shape `[m, N]`, *optional*): per-sample gradients w.r.t. the gates (empirical, fisher).
         block_names (`list[str]`): module path of each block.
         block_kinds (`list[str]`): kind of each block (attention, moe, mamba, ...).
         metadata (`dict`): provenance (model, revision, dataset, seq_len, gate, ...).
         losses (`torch.Tensor`, *optional*): per-sample loss of the unpruned model.
+        Q_samples (`torch.Tensor` of shape `[m, N, N]`, *optional*): per-sample energy matrices (measured).
+        extra (`dict[str, torch.Tensor]`, *optional*): further tensors an estimator keeps (saved as they are).
     """
 
-    A: torch.Tensor
+    A: torch.Tensor | None
     block_names: list[str]
     block_kinds: list[str]
     block_num_parameters: list[int] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
     losses: torch.Tensor | None = None
+    Q_samples: torch.Tensor | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.A.dim() != 2 or self.A.shape[0] == 0:
-            raise BlockCBOError(f"A must be a non-empty [m, N] matrix, got shape {list(self.A.shape)}")
-        if not bool(torch.isfinite(self.A).all()):
-            raise BlockCBOError("A holds NaN or inf; recompute the Hessian (try float32 and check the data)")
+        if (self.A is None) == (self.Q_samples is None):
+            raise BlockCBOError("a Hessian artifact holds either per-sample gradients A or per-sample matrices Q")
+        terms = self.A if self.A is not None else self.Q_samples
+        name = "A" if self.A is not None else "Q_samples"
+        if terms.dim() != (2 if self.A is not None else 3) or terms.shape[0] == 0:
+            raise BlockCBOError(f"{name} must be a non-empty per-sample tensor, got shape {list(terms.shape)}")
+        if not bool(torch.isfinite(terms).all()):
+            raise BlockCBOError(f"{name} holds NaN or inf; recompute the Hessian (try float32 and check the data)")
         if len(self.block_names) != self.num_blocks or len(self.block_kinds) != self.num_blocks:
             raise BlockCBOError("block_names and block_kinds must have one entry per column of A")
-        self.A = self.A.to(torch.float32)
+        if self.A is not None:
+            self.A = self.A.to(torch.float32)
+        else:
+            self.Q_samples = self.Q_samples.to(torch.float64)
+
+    @classmethod
+    def from_rows(
+        cls,
+        model,
+        *,
+        gate: str,
+        curvature: str = "empirical",
+        A: torch.Tensor | None = None,
+        Q_samples: torch.Tensor | None = None,
+        losses: torch.Tensor | None = None,
+        extra: dict[str, torch.Tensor] | None = None,
+        metadata: dict | None = None,
+    ) -> HessianArtifact:
+        """The one constructor every face uses: blocks, kinds, parameter counts and the common metadata (model,
+        architecture, gate, curvature, dtype, parameter count, package version) read off ``model``; ``metadata``
+        adds the face's own keys (dataset, seq_len, ...; None values are left out)."""
+        from ._version import __version__
+        from .architectures import count_parameters, describe_blocks, get_architecture
+
+        spec = get_architecture(model)
+        blocks = describe_blocks(model, spec)
+        meta = {
+            "model": str(getattr(model.config, "_name_or_path", "") or ""),
+            "architecture": spec.name,
+            "gate": gate,
+            "curvature": curvature,
+            "dtype": str(next(model.parameters()).dtype),
+            "num_parameters": str(count_parameters(model)),
+            "package_version": __version__,
+        }
+        meta.update({k: str(v) for k, v in (metadata or {}).items() if v is not None})
+        return cls(
+            A=A,
+            block_names=[b.name for b in blocks],
+            block_kinds=[b.kind for b in blocks],
+            block_num_parameters=[b.num_parameters for b in blocks],
+            metadata=meta,
+            losses=losses,
+            Q_samples=Q_samples,
+            extra=dict(extra or {}),
+        )
+
+    @property
+    def curvature(self) -> str:
+        return self.metadata.get("curvature", "empirical")
 
     @property
     def num_samples(self) -> int:
-        return self.A.shape[0]
+        return (self.A if self.A is not None else self.Q_samples).shape[0]
 
     @property
     def num_blocks(self) -> int:
-        return self.A.shape[1]
+        return (self.A if self.A is not None else self.Q_samples).shape[-1]
+
+    def resampled_H(self, rows: torch.Tensor | list[int]) -> torch.Tensor:
+        """H over the given sample rows (repeats allowed): the bootstrap of the energy matrix."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        if self.A is not None:
+            a = self.A[rows].to(torch.float64)
+            return a.T @ a / a.shape[0]
+        return self.Q_samples[rows].mean(dim=0)
 
     @property
     def H(self) -> torch.Tensor:
-        """H = AᵀA/m in float64 (the Gauss–Newton / Fisher approximation, first-order term dropped)."""
-        a = self.A.to(torch.float64)
-        return a.T @ a / a.shape[0]
+        """The energy matrix in float64: AᵀA/m (empirical: the paper's Eq. 6; fisher), or the mean of ``Q_samples``."""
+        if self.A is not None:
+            a = self.A.to(torch.float64)
+            return a.T @ a / a.shape[0]
+        return self.Q_samples.mean(dim=0)
 
     @property
     def g(self) -> torch.Tensor:
-        """Mean gradient (first-order term of the Taylor expansion), float64."""
+        """Mean gradient (first-order term of the Taylor expansion), float64; zero where there is none (measured)."""
+        if self.A is None:
+            return torch.zeros(self.num_blocks, dtype=torch.float64)
         return self.A.to(torch.float64).mean(dim=0)
 
     def energy_matrix(self, beta: float = 0.0) -> torch.Tensor:
@@ -75,6 +150,11 @@ class HessianArtifact:
 
         With β = 1, E/2 is the second-order Taylor estimate of the loss change; β = 0 is the paper's default.
         """
+        if beta and self.curvature != "empirical":
+            raise BlockCBOError(
+                f"beta weighs the data's mean gradient, which only the empirical curvature has (this artifact's is "
+                f"{self.curvature!r}); set beta to 0"
+            )
         q = self.H.clone()
         if beta:
             q -= torch.diag(2.0 * beta * self.g)
@@ -91,7 +171,12 @@ class HessianArtifact:
     # -- persistence --------------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Write one safetensors file atomically (temporary file renamed into place)."""
-        tensors = {"A": self.A.contiguous(), "H": self.H.contiguous(), "g": self.g.contiguous()}
+        tensors = {"H": self.H.contiguous(), "g": self.g.contiguous()}
+        if self.A is not None:
+            tensors["A"] = self.A.contiguous()
+        else:
+            tensors["Q_samples"] = self.Q_samples.contiguous()
+        tensors.update({k: v.contiguous() for k, v in self.extra.items()})
         if self.losses is not None:
             tensors["losses"] = self.losses.to(torch.float32).contiguous()
         meta = {k: str(v) for k, v in self.metadata.items()}
@@ -116,15 +201,18 @@ class HessianArtifact:
             tensors = load_file(path)
         except (SafetensorError, OSError) as err:
             raise BlockCBOError(f"{path!r} is not a readable safetensors file: {err}") from err
-        if meta.get("format") != "hf_blockcbo.hessian/1" or "A" not in tensors:
+        if meta.get("format") != "hf_blockcbo.hessian/1" or ("A" not in tensors and "Q_samples" not in tensors):
             raise BlockCBOError(f"{path!r} is not an hf_blockcbo Hessian artifact")
         structured = {k: json.loads(meta.pop(k)) for k in _JSON_KEYS if k in meta}
         meta.pop("format", None)
+        known = {"A", "Q_samples", "H", "g", "losses"}
         return cls(
-            A=tensors["A"],
+            A=tensors.get("A"),
             block_names=structured["block_names"],
             block_kinds=structured["block_kinds"],
             block_num_parameters=structured.get("block_num_parameters", []),
             metadata=meta,
             losses=tensors.get("losses"),
+            Q_samples=tensors.get("Q_samples"),
+            extra={k: v for k, v in tensors.items() if k not in known},
         )

@@ -12,7 +12,6 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import BlockCBOError
-from .removal import PROVENANCE_FILE
 
 
 HESSIAN_FILE = "hessian.safetensors"
@@ -21,10 +20,10 @@ _KNOWN_LICENSES = {"HuggingFaceTB/SmolLM2-135M-Instruct": "apache-2.0"}
 
 
 def read_provenance(model_dir: str | os.PathLike) -> dict:
-    path = Path(model_dir) / PROVENANCE_FILE
-    if not path.is_file():
-        raise BlockCBOError(f"{str(model_dir)!r} has no {PROVENANCE_FILE}; it was not written by hf-blockcbo prune")
-    return json.loads(path.read_text(encoding="utf-8"))
+    """The folder's provenance, validated (every key the card and the push need is there)."""
+    from .provenance import Provenance
+
+    return Provenance.from_dir(model_dir).to_dict()
 
 
 def _block_map(num_blocks: int, removed: list[int]) -> str:

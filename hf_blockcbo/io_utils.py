@@ -72,3 +72,31 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_output_file(path: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse a folder, or an existing file unless ``overwrite``; the parent must be writable. Returns the path."""
+    path = Path(path)
+    if path.is_dir():
+        raise BlockCBOError(f"the output {str(path)!r} is a folder; give a file path")
+    if path.exists() and not overwrite:
+        raise BlockCBOError(f"the output {str(path)!r} exists; pass --overwrite to replace it")
+    _check_parent_writable(path)
+    return path
+
+
+def check_not_an_input(output: str | os.PathLike, inputs: list[str | os.PathLike | None]) -> None:
+    """An output may never be, contain, or sit inside an input (a model folder, a data file, an artifact)."""
+    out = Path(output).resolve()
+    for given in inputs:
+        if not given:
+            continue
+        source = Path(given)
+        if not source.exists():
+            continue
+        source = source.resolve()
+        if out == source or out in source.parents or source in out.parents:
+            raise BlockCBOError(
+                f"the output {str(output)!r} would overwrite or sit inside the input {str(given)!r}; "
+                "choose an output path outside every input"
+            )

@@ -16,18 +16,44 @@ from pathlib import Path
 from torch import nn
 
 from .architectures import count_parameters, describe_blocks, get_architecture, get_layers
-from .calibration import compute_gate_gradients
 from .config import BlockRemovalConfig
 from .data import CalibrationSet, build_calibration_set
 from .errors import BlockCBOError
 from .gates import resolve_gate_kind
 from .hessian import HessianArtifact
 from .models import ModelSource
+from .provenance import Provenance
 from .removal import remove_blocks, save_pruned
-from .solvers import Constraints, SolveResult, solve
+from .solvers import SolveResult
+from .solving import solve_artifact
 
 
 logger = logging.getLogger(__name__)
+
+
+def calibration_samples(tokenizer, config: BlockRemovalConfig) -> CalibrationSet:
+    """The calibration samples of ``config`` (data, count, length, packing, seed): one definition for every face."""
+    return build_calibration_set(
+        tokenizer,
+        config.data,
+        num_samples=config.num_samples,
+        seq_len=config.seq_len,
+        packing=config.packing,
+        seed=config.seed,
+    )
+
+
+def validation_samples(tokenizer, config: BlockRemovalConfig, split: str = "validation") -> CalibrationSet:
+    """Held-out samples for selection (``split="validation"``) or reporting (``"test"``), disjoint from calibration."""
+    source = config.validation_data if split == "validation" and config.validation_data else f"embedded:{split}"
+    return build_calibration_set(
+        tokenizer,
+        source,
+        num_samples=config.validation_samples,
+        seq_len=config.seq_len,
+        packing=config.packing,
+        seed=config.seed,
+    )
 
 
 def calibrate(
@@ -39,25 +65,35 @@ def calibrate(
     output: str | os.PathLike | None = None,
     checkpoint_every: int = 0,
     fsdp: bool = False,
+    calibration: CalibrationSet | None = None,
 ) -> HessianArtifact:
-    """Run the Hessian pass of ``config`` over ``model`` and return the artifact.
+    """Estimate the energy matrix of ``config`` (curvature estimator ``config.curvature``) and return the artifact.
 
     Under `accelerate launch` each process computes a shard of the samples and every process returns the full
-    artifact (rows gathered by sample index). With ``output`` and ``checkpoint_every``, rows done so far are
-    checkpointed beside ``output`` and a rerun of the same command resumes from them. With ``fsdp`` (several
-    processes) the weights are also sharded with FSDP2, so each process holds only its part of the model.
+    artifact (rows gathered by sample index); the ``measured`` estimator runs whole on every process. With
+    ``output`` and ``checkpoint_every``, rows done so far are checkpointed beside ``output`` and a rerun of the same
+    command resumes from them. With ``fsdp`` (several processes) the weights are also sharded with FSDP2, so each
+    process holds only its part of the model. ``calibration`` replaces the samples ``config`` describes (the
+    callback passes its trainer's data).
     """
-    from . import __version__
+    from .curvature import CurvatureJob, get_curvature
     from .distributed import check_agreement, gather_rows, process_state, shard_bounds
     from .resume import PartialRows, fingerprint, partial_path
 
+    estimator = get_curvature(config.curvature)
     spec = get_architecture(model)
     gate = resolve_gate_kind(spec, config.gate)
     blocks = describe_blocks(model, spec)
-    calibration = build_calibration_set(
-        tokenizer, config.data, num_samples=config.num_samples, seq_len=config.seq_len, packing=config.packing
-    )
+    if calibration is None:
+        calibration = calibration_samples(tokenizer, config)
     rank, world, is_main, _ = process_state()
+    if not estimator.shardable:
+        if fsdp:
+            raise BlockCBOError(
+                f"curvature {config.curvature!r} runs forward passes only and is not sharded; drop --fsdp or use "
+                "curvature fisher"
+            )
+        rank, world = 0, 1
     dtype = str(next(model.parameters()).dtype)
     key = fingerprint(
         model=source.model_id,
@@ -69,6 +105,8 @@ def calibrate(
         dtype=dtype,
         batch_size=config.batch_size,
         world=world,
+        curvature=config.curvature,
+        seed=config.seed if config.curvature == "fisher" else None,
     )
     if world > 1:
         check_agreement(key, "model, data or settings")
@@ -82,79 +120,46 @@ def calibrate(
         calibration.input_ids[start:stop], calibration.attention_mask[start:stop], calibration.source
     )
     checkpoint = None
-    if output is not None and checkpoint_every > 0:
+    if output is not None and checkpoint_every > 0 and estimator.shardable:
         checkpoint = PartialRows(partial_path(output, rank, world), fingerprint(key=key, start=start, stop=stop))
     began = time.perf_counter()
-    A, losses = compute_gate_gradients(
-        model,
-        shard,
-        batch_size=config.batch_size,
+    job = CurvatureJob(
+        model=model,
+        calibration=shard,
+        config=config,
         gate=gate,
-        progress=progress and is_main,
         block_names=[b.name for b in blocks],
+        progress=progress and is_main,
         checkpoint=checkpoint,
         checkpoint_every=checkpoint_every,
         first_index=start,
         lockstep=lockstep,
     )
+    terms = estimator.run(job)
     if world > 1:
-        A, losses = gather_rows(start, A, losses)
-    seconds = time.perf_counter() - began
-    artifact = HessianArtifact(
-        A=A,
-        block_names=[b.name for b in blocks],
-        block_kinds=[b.kind for b in blocks],
-        block_num_parameters=[b.num_parameters for b in blocks],
-        losses=losses,
+        terms.A, terms.losses = gather_rows(start, terms.A, terms.losses)
+    return HessianArtifact.from_rows(
+        model,
+        gate=gate,
+        curvature=config.curvature,
+        A=terms.A,
+        Q_samples=terms.Q_samples,
+        losses=terms.losses,
+        extra=terms.extra,
         metadata={
             "model": source.model_id,
             "revision": source.revision or "",
             "base_model": source.base_model or "",
-            "architecture": spec.name,
             "dataset": calibration.source,
             "data_fingerprint": calibration.fingerprint,
-            "num_samples": str(len(calibration)),
-            "seq_len": str(calibration.seq_len),
-            "gate": gate,
-            "dtype": dtype,
-            "num_parameters": str(count_parameters(model)),
-            "num_processes": str(world),
+            "data_seed": config.seed,
+            "num_samples": len(calibration),
+            "seq_len": calibration.seq_len,
+            "num_processes": world,
             "weights_sharded": "fsdp" if lockstep else "no",
-            "seconds": f"{seconds:.3f}",
-            "package_version": __version__,
+            "seconds": f"{time.perf_counter() - began:.3f}",
+            **terms.metadata,
         },
-    )
-    return artifact
-
-
-def solve_artifact(artifact: HessianArtifact, config: BlockRemovalConfig) -> SolveResult:
-    """The ``config.top_k`` lowest states for removing ``config.num_remove`` blocks."""
-    if config.num_remove is None:
-        raise BlockCBOError("say how many blocks to remove (--remove K)")
-    if config.num_remove >= artifact.num_blocks:
-        raise BlockCBOError(
-            f"cannot remove {config.num_remove} of {artifact.num_blocks} blocks; choose K in 1..{artifact.num_blocks - 1}"
-        )
-    Q = artifact.energy_matrix(config.beta).numpy()
-    budget = 0
-    if config.param_budget:
-        total = int(artifact.metadata.get("num_parameters") or 0) or sum(artifact.block_num_parameters)
-        budget = int(total * config.param_budget / 100.0)
-    constraints = Constraints(
-        per_kind=config.per_kind,
-        kinds=artifact.block_kinds,
-        min_removed_parameters=budget,
-        block_parameters=artifact.block_num_parameters,
-    )
-    return solve(
-        Q,
-        config.num_remove,
-        top_k=config.top_k,
-        method=config.solver,
-        protected=config.protected,
-        seed=config.seed,
-        time_limit=config.time_limit,
-        constraints=constraints,
     )
 
 
@@ -250,13 +255,7 @@ def choose_blocks(
     elif config.select == "energy" or len(candidates) == 1:
         chosen, how = candidates[0], "ground state (energy)"
     else:
-        validation = build_calibration_set(
-            tokenizer,
-            config.validation_data or "embedded:validation",
-            num_samples=config.validation_samples,
-            seq_len=config.seq_len,
-            packing=config.packing,
-        )
+        validation = validation_samples(tokenizer, config)
         chosen, candidates = select_by_validation(model, candidates, validation, config.batch_size, progress=progress)
         how = f"validation perplexity over the {len(candidates)} lowest states ({validation.source})"
         unpruned = perplexity(model, validation, batch_size=config.batch_size)
@@ -288,7 +287,6 @@ def prune_and_save(
     overwrite: bool = False,
 ) -> dict:
     """Remove ``selection.blocks`` from ``model``, save the plain checkpoint with its provenance; return the summary."""
-    from . import __version__
     from .scorers import merge_window
 
     num_blocks_before = len(describe_blocks(model))
@@ -296,27 +294,28 @@ def prune_and_save(
     if selection.merge_into is not None:
         merge_window(model, selection.merge_into, selection.blocks)
     remove_blocks(model, selection.blocks)
-    summary = {
-        "package": "hf_blockcbo",
-        "package_version": __version__,
-        **source.to_dict(),
-        "removed_blocks": list(selection.blocks),
-        "scorer": selection.scorer,
-        "selection": selection.how,
-        "energy": selection.energy,
-        "rank": selection.rank,
-        "validation_perplexity": selection.validation_ppl,
-        "validation_data": selection.validation_data,
-        "validation_perplexity_unpruned": selection.validation_ppl_unpruned,
-        "merged_into": selection.merge_into,
-        "solver": selection.solver,
-        "spectrum": selection.spectrum,
-        "num_blocks_before": num_blocks_before,
-        "num_blocks_after": num_blocks_before - len(selection.blocks),
-        "num_parameters_before": params_before,
-        "num_parameters_after": count_parameters(model),
-        "config": config.to_dict(),
-        "calibration": {k: v for k, v in (artifact.metadata.items() if artifact else [])},
-    }
+    summary = Provenance(
+        removed_blocks=list(selection.blocks),
+        num_blocks_before=num_blocks_before,
+        num_blocks_after=num_blocks_before - len(selection.blocks),
+        num_parameters_before=params_before,
+        num_parameters_after=count_parameters(model),
+        model=source.model_id,
+        revision=source.revision,
+        base_model=source.base_model,
+        note=source.note,
+        scorer=selection.scorer,
+        selection=selection.how,
+        energy=selection.energy,
+        rank=selection.rank,
+        solver=selection.solver,
+        spectrum=selection.spectrum,
+        validation_perplexity=selection.validation_ppl,
+        validation_data=selection.validation_data,
+        validation_perplexity_unpruned=selection.validation_ppl_unpruned,
+        merged_into=selection.merge_into,
+        config=config.to_dict(),
+        calibration=dict(artifact.metadata) if artifact is not None else {},
+    ).to_dict()
     save_pruned(model, tokenizer, output_dir, summary, overwrite=overwrite)
     return summary

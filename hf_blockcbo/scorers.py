@@ -33,7 +33,7 @@ from .data import CalibrationSet
 from .errors import BlockCBOError
 from .evaluation import perplexity
 from .hessian import HessianArtifact
-from .solvers import Candidate, energy, solve
+from .solvers import Candidate, energy
 
 
 ScorerFn = Callable[["ScoringContext", int], list[Candidate]]
@@ -65,6 +65,7 @@ class ScoringContext:
     protected: list[int] = field(default_factory=list)
     sleb_samples: int = 16
     progress: bool = False
+    config: object | None = None  # the BlockRemovalConfig: cbo solves exactly the problem `prune` solves
     _stats: dict | None = None
     _sleb_steps: list[tuple[int, float]] = field(default_factory=list)  # greedy picks so far (nested over M)
     _sleb_key: tuple | None = None  # the settings those picks were made under
@@ -77,9 +78,20 @@ class ScoringContext:
         from .data import build_calibration_set
 
         calibration = build_calibration_set(
-            tokenizer, config.data, num_samples=config.num_samples, seq_len=config.seq_len, packing=config.packing
+            tokenizer,
+            config.data,
+            num_samples=config.num_samples,
+            seq_len=config.seq_len,
+            packing=config.packing,
+            seed=config.seed,
         )
-        settings = dict(top_k=config.top_k, seed=config.seed, batch_size=config.batch_size, protected=config.protected)
+        settings = dict(
+            top_k=config.top_k,
+            seed=config.seed,
+            batch_size=config.batch_size,
+            protected=config.protected,
+            config=config,
+        )
         return cls(model, calibration, artifact, progress=progress, **{**settings, **overrides})
 
     @property
@@ -177,8 +189,12 @@ def _best_window(ctx: ScoringContext, width: int) -> tuple[int, float]:
 def score_cbo(ctx: ScoringContext, num_remove: int) -> list[Candidate]:
     if ctx.artifact is None:
         raise BlockCBOError("the cbo scorer needs a Hessian artifact; calibrate first")
-    result = solve(ctx.artifact.H.numpy(), num_remove, top_k=ctx.top_k, protected=ctx.protected, seed=ctx.seed)
-    return result.candidates
+    from .config import BlockRemovalConfig
+    from .solving import solve_artifact
+
+    config = ctx.config if ctx.config is not None else BlockRemovalConfig()
+    config = config.replace(num_remove=num_remove, top_k=ctx.top_k, protected=ctx.protected, seed=ctx.seed)
+    return solve_artifact(ctx.artifact, config).candidates
 
 
 @register_scorer("bi")

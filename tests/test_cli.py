@@ -26,14 +26,14 @@ def test_help_is_instant():
     out = subprocess.run([sys.executable, "-m", "hf_blockcbo.commands.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "calibrate" in out.stdout and "prune" in out.stdout
     assert time.perf_counter() - start < 5
-    check = "import sys, hf_blockcbo.commands.cli; print('torch' in sys.modules)"
+    check = "import sys, hf_blockcbo.commands.cli as c; c.build_parser(); print('torch' in sys.modules)"
     heavy = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
     assert heavy.stdout.strip() == "False", "parsing the CLI must not import torch"
 
 
 def test_calibrate_writes_the_artifact(artifact_path, tiny_model_dir):
     art = HessianArtifact.load(artifact_path)
-    assert art.A.shape == (6, 6)
+    assert art.A is None and art.Q_samples.shape == (6, 6, 6) and art.curvature == "measured"  # the default
     assert art.metadata["model"] == str(tiny_model_dir) and art.metadata["seq_len"] == "24"
     assert art.metadata["dataset"] == "embedded" and art.metadata["gate"] == "branch"
     assert art.block_names[0] == "model.layers.0" and art.block_kinds == ["attention"] * 6
@@ -126,7 +126,9 @@ def test_existing_output_and_foreign_artifact_are_refused(tiny_model_dir, tmp_pa
     assert main(["prune", "--model", str(tiny_model_dir), "--blocks", "1", "--output", str(busy)]) == 2
     assert "--overwrite" in capsys.readouterr().err
     art = HessianArtifact.load(artifact_path)
-    foreign = HessianArtifact(A=art.A[:, :4], block_names=art.block_names[:4], block_kinds=art.block_kinds[:4])
+    foreign = HessianArtifact(
+        A=None, Q_samples=art.Q_samples[:, :4, :4], block_names=art.block_names[:4], block_kinds=art.block_kinds[:4]
+    )
     foreign.save(tmp_path / "foreign.safetensors")
     args = [
         "prune",
@@ -194,7 +196,7 @@ def test_prune_with_a_baseline_scorer_and_energy_selection(tiny_model_dir, tmp_p
     out = tmp_path / "bi"
     assert (
         main(
-            ["prune", "--model", str(tiny_model_dir), "--remove", "2", "--method", "bi", *COMMON, "--output", str(out)]
+            ["prune", "--model", str(tiny_model_dir), "--remove", "2", "--scorer", "bi", *COMMON, "--output", str(out)]
         )
         == 0
     )
@@ -209,7 +211,7 @@ def test_prune_with_a_baseline_scorer_and_energy_selection(tiny_model_dir, tmp_p
                 str(tiny_model_dir),
                 "--remove",
                 "2",
-                "--method",
+                "--scorer",
                 "swm",
                 *COMMON,
                 "--output",

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from hf_blockcbo.data import build_calibration_set, embedded_documents
 from hf_blockcbo.errors import BlockCBOError
@@ -38,7 +39,8 @@ def test_jsonl_text_records_are_truncated_and_padded(tokenizer, tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in rows))
     cal = build_calibration_set(tokenizer, str(path), num_samples=2, seq_len=20, packing="truncate")
     assert cal.input_ids.shape[1] == 20
-    assert int(cal.attention_mask[0].sum()) < 20 == int(cal.attention_mask[1].sum())
+    lengths = sorted(int(n) for n in cal.attention_mask.sum(1))
+    assert lengths[0] < 20 == lengths[1]
 
 
 def test_chat_records_use_the_chat_template(tokenizer, tmp_path):
@@ -88,3 +90,47 @@ def test_every_sample_starts_with_bos_when_the_tokenizer_adds_one(tokenizer, tmp
     rows = build_calibration_set(with_bos, str(chat), num_samples=2, seq_len=32, packing="truncate")
     first = rows.input_ids[0, : int(rows.attention_mask[0].sum())].tolist()
     assert first[0] == bos and first[1] != bos, "the chat template's own BOS is not doubled"
+
+
+def test_paragraphs_of_one_text_are_one_document_eos_only_between_documents(tokenizer, tmp_path):
+    eos = tokenizer.eos_token_id
+    cal = build_calibration_set(tokenizer, None, num_samples=20, seq_len=32)
+    assert not (cal.input_ids == eos).any(), "the embedded novel is one document: no EOS inside it"
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"text": f"document {i} " + "words " * 30}) for i in range(6)))
+    packed = build_calibration_set(tokenizer, str(path), num_samples=4, seq_len=16, packing="pack")
+    assert int((packed.input_ids == eos).sum()) <= 5  # at most one EOS between each two of the 6 documents
+
+
+def test_windows_are_drawn_seeded_from_the_whole_source(tokenizer, tmp_path):
+    words = [f"w{i}" for i in range(3000)]
+    path = tmp_path / "numbered.txt"
+    path.write_text(" ".join(words))
+    cal = build_calibration_set(tokenizer, str(path), num_samples=12, seq_len=16, seed=0)
+    again = build_calibration_set(tokenizer, str(path), num_samples=12, seq_len=16, seed=0)
+    other = build_calibration_set(tokenizer, str(path), num_samples=12, seq_len=16, seed=1)
+    assert cal.fingerprint == again.fingerprint != other.fingerprint
+    stream = torch.tensor(tokenizer(path.read_text(), add_special_tokens=False)["input_ids"])
+    positions = []
+    for row in cal.input_ids:
+        for start in range(len(stream) - 16 + 1):
+            if torch.equal(stream[start : start + 16], row):
+                positions.append(start)
+                break
+    assert len(positions) == 12, "every window is a slice of the token stream"
+    assert max(positions) > 0.6 * len(stream) and min(positions) < 0.4 * len(stream), positions
+
+
+def test_chat_records_are_taken_in_a_seeded_order(tokenizer, tmp_path):
+    path = tmp_path / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"question {i}"}]} for i in range(12)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    a = build_calibration_set(tokenizer, str(path), num_samples=4, seq_len=32, seed=0)
+    b = build_calibration_set(tokenizer, str(path), num_samples=4, seq_len=32, seed=0)
+    c = build_calibration_set(tokenizer, str(path), num_samples=4, seq_len=32, seed=5)
+    assert a.fingerprint == b.fingerprint != c.fingerprint
+    in_file_order = build_calibration_set(tokenizer, str(path), num_samples=12, seq_len=32, seed=0)
+    ids, masks = in_file_order.input_ids, in_file_order.attention_mask
+    texts = [tokenizer.decode(r[m.bool()]) for r, m in zip(ids, masks, strict=True)]
+    numbers = [int(t.split("question")[1].split()[0]) for t in texts]
+    assert sorted(numbers) == list(range(12)) and numbers != list(range(12)), "all records, in the seed's order"

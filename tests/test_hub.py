@@ -153,3 +153,28 @@ def test_block_remover_api_and_transformers_push_to_hub(hub, tiny_model_dir, tmp
     # transformers' own push_to_hub works on the pruned model too
     remover.model.push_to_hub("tester/api-pruned-transformers")
     assert "config.json" in hub.repos["tester/api-pruned-transformers"].branches["main"]
+
+
+def test_the_spaces_push_publishes_what_prune_publishes(hub, pruned, tiny_model_dir, monkeypatch):
+    """The Space's download/push path builds the same provenance as `prune` (it once lacked the card's keys)."""
+    import importlib.util
+    from pathlib import Path
+
+    out, art = pruned
+    monkeypatch.setenv("BLOCKCBO_DEMO_MODEL", str(tiny_model_dir))
+    monkeypatch.setenv("BLOCKCBO_DEMO_HESSIAN", str(art))
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    path = Path(__file__).resolve().parents[1] / "spaces" / "blockcbo-demo" / "app.py"
+    spec = importlib.util.spec_from_file_location("blockcbo_space_app", path)
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    url = app.push(str(tiny_model_dir), 2, 4, 1, "tester/from-space", "hf_test_token")
+    assert url
+    files = hub.repos["tester/from-space"].branches["main"]
+    assert {"config.json", "model.safetensors", "block_removal.json", "README.md"} <= set(files)
+    from_space = json.loads(files["block_removal.json"])
+    from_prune = json.loads((out / "block_removal.json").read_text())
+    assert set(from_prune) <= set(from_space), sorted(set(from_prune) - set(from_space))
+    assert from_space["num_blocks_before"] == 6 and from_space["num_blocks_after"] == 4
+    assert from_space["rank"] == 1 and from_space["config"]["curvature"] == from_prune["config"]["curvature"]
+    assert "tester/from-space" in files["README.md"].decode() or "removed" in files["README.md"].decode()

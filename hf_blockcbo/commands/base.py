@@ -33,38 +33,7 @@ class BaseCommand(ABC):
 
     def config(self):
         """The `BlockRemovalConfig` from `--config` (if given) with every flag that was set laid over it."""
-        from ..config import BlockRemovalConfig
-
-        base = BlockRemovalConfig.from_file(self.args.config) if getattr(self.args, "config", None) else None
-        flags = {
-            "model": getattr(self.args, "model", None),
-            "revision": getattr(self.args, "revision", None),
-            "dtype": getattr(self.args, "dtype", None),
-            "data": getattr(self.args, "data", None),
-            "num_samples": getattr(self.args, "num_samples", None),
-            "seq_len": getattr(self.args, "seq_len", None),
-            "batch_size": getattr(self.args, "batch_size", None),
-            "packing": getattr(self.args, "packing", None),
-            "gate": getattr(self.args, "gate", None),
-            "beta": getattr(self.args, "beta", None),
-            "num_remove": getattr(self.args, "remove", None),
-            "top_k": getattr(self.args, "top_k", None),
-            "solver": getattr(self.args, "solver", None),
-            "scorer": getattr(self.args, "scorer", None),
-            "select": getattr(self.args, "select", None),
-            "validation_data": getattr(self.args, "validation_data", None),
-            "validation_samples": getattr(self.args, "validation_samples", None),
-            "protected": parse_int_list(getattr(self.args, "protect", None)),
-            "per_kind": parse_per_kind_flag(getattr(self.args, "per_kind", None)),
-            "param_budget": getattr(self.args, "param_budget", None),
-            "seed": getattr(self.args, "seed", None),
-            "time_limit": getattr(self.args, "time_limit", None),
-            "rank": getattr(self.args, "rank", None),
-            "blocks": parse_int_list(getattr(self.args, "blocks", None)),
-        }
-        if base is None:
-            return BlockRemovalConfig(**{k: v for k, v in flags.items() if v is not None})
-        return base.replace(**flags)
+        return config_from_args(self.args)
 
 
 def parse_int_list(text: str | None) -> list[int] | None:
@@ -86,46 +55,104 @@ def parse_per_kind_flag(text: str | None) -> dict[str, int] | None:
     return parse_per_kind(text)
 
 
+# -- flags generated from BlockRemovalConfig's field metadata -----------------------------------------------------
+# The one table of flags whose name is not the field's (--num-remove would be the field's name).
+FLAG_NAMES = {"num_remove": "--remove", "protected": "--protect"}
+# Fields shown in each group, by the commands that take the group.
+GROUPS = {
+    "model": ("model", "revision", "dtype"),
+    "calibration": ("data", "num_samples", "seq_len", "batch_size", "packing", "gate"),
+    "curvature": ("curvature", "measured_pairs", "measured_samples", "damage"),
+    "solver": ("num_remove", "top_k", "solver", "protected", "per_kind", "param_budget", "beta", "seed", "time_limit"),
+    "selection": ("select", "validation_data", "validation_samples"),
+    "choice": ("scorer", "rank", "blocks"),
+}
+_CHOICES = {
+    "dtype": ("auto", "float32", "bfloat16", "float16"),
+    "packing": ("auto", "pack", "truncate"),
+    "gate": ("auto", "branch", "layer"),
+    "select": ("validation", "energy"),
+    "damage": ("kl", "ce"),
+}
+
+
+def flag_name(field_name: str) -> str:
+    return FLAG_NAMES.get(field_name, "--" + field_name.replace("_", "-"))
+
+
+def _converter(field_name: str, annotation: str):
+    if field_name in ("protected", "blocks"):
+        return parse_int_list
+    if field_name == "per_kind":
+        return parse_per_kind_flag
+    if annotation.startswith("int"):
+        return int
+    if annotation.startswith("float"):
+        return float
+    return str
+
+
+def add_config_flags(
+    parser: ArgumentParser, group: str, required: tuple[str, ...] = (), exclude: tuple[str, ...] = ()
+) -> None:
+    """Add one flag per `BlockRemovalConfig` field of ``group``; help and default come from the field itself.
+
+    Flags default to None (not given), so a `--config` file's values survive unless a flag overrides them.
+    """
+    import dataclasses
+
+    from ..config import BlockRemovalConfig
+
+    fields = {f.name: f for f in dataclasses.fields(BlockRemovalConfig)}
+    section = parser.add_argument_group(group)
+    for name in GROUPS[group]:
+        if name in exclude:
+            continue
+        f = fields[name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = "" if default in (None, [], {}) else f" (default {default})"
+        choices = _CHOICES.get(name)
+        if name == "curvature":
+            from ..curvature import available_curvatures
+
+            choices = tuple(available_curvatures())
+        section.add_argument(
+            flag_name(name),
+            dest=name,
+            type=_converter(name, str(f.type)),
+            choices=choices,
+            required=name in required,
+            help=f.metadata.get("help", "").replace("%", "%%") + shown,
+        )
+
+
+def config_from_args(args) -> object:
+    """`--config` (if any) with every config flag that was given laid over it; fields map to flags by name."""
+    import dataclasses
+
+    from ..config import BlockRemovalConfig
+
+    flags = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(BlockRemovalConfig)}
+    base = BlockRemovalConfig.from_file(args.config) if getattr(args, "config", None) else None
+    if base is None:
+        return BlockRemovalConfig(**{k: v for k, v in flags.items() if v is not None})
+    return base.replace(**flags)
+
+
 def add_model_args(parser: ArgumentParser) -> None:
-    group = parser.add_argument_group("model")
-    group.add_argument("--model", help="Hub id, local folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    group.add_argument("--revision", help="Hub revision (branch, tag or commit)")
-    group.add_argument(
-        "--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="model dtype (default auto)"
-    )
-    group.add_argument("--config", help="a BlockRemovalConfig JSON/YAML file; flags override its values")
+    add_config_flags(parser, "model")
+    parser.add_argument("--config", help="a BlockRemovalConfig JSON/YAML file; flags override its values")
 
 
 def add_calibration_args(parser: ArgumentParser) -> None:
-    group = parser.add_argument_group("calibration")
-    group.add_argument("--data", help=".txt / .jsonl (text or chat messages) / datasets id (default: embedded sample)")
-    group.add_argument("--num-samples", type=int, help="calibration samples (default 128; the paper uses 2048)")
-    group.add_argument("--seq-len", type=int, help="tokens per sample (default 256)")
-    group.add_argument("--batch-size", type=int, help="samples per forward/backward (default 8)")
-    group.add_argument("--packing", choices=["auto", "pack", "truncate"], help="how texts become samples")
-    group.add_argument("--gate", choices=["auto", "branch", "layer"], help="gate kind (default auto = branch)")
-    group.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_flags(parser, "calibration")
+    add_config_flags(parser, "curvature")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def add_selection_args(parser: ArgumentParser) -> None:
-    group = parser.add_argument_group("selection")
-    group.add_argument(
-        "--select", choices=["validation", "energy"], help="pick the CBO state by validation ppl (default)"
-    )
-    group.add_argument("--validation-data", help="held-out data for selection (default: embedded validation split)")
-    group.add_argument("--validation-samples", type=int, help="validation samples (default 32)")
+    add_config_flags(parser, "selection")
 
 
-def add_solver_args(parser: ArgumentParser, remove_required: bool, solver_flag: str = "--solver") -> None:
-    group = parser.add_argument_group("solver")
-    group.add_argument("--remove", type=int, required=remove_required, help="K, the number of blocks to remove")
-    group.add_argument("--top-k", type=int, help="lowest-energy states to compute (default 10)")
-    group.add_argument(
-        solver_flag, dest="solver", help="solver: auto, exact, bnb (certified branch and bound), tabu or torch"
-    )
-    group.add_argument("--protect", help="blocks never removed, e.g. 0,29")
-    group.add_argument("--per-kind", help="exact count per block kind, e.g. attention=2,moe=1 (hybrid models)")
-    group.add_argument("--param-budget", type=float, help="remove at least this %% of the parameters (exact solver)")
-    group.add_argument("--beta", type=float, help="weight of the first-order term (default 0, as in the paper)")
-    group.add_argument("--seed", type=int, help="seed of the stochastic solvers")
-    group.add_argument("--time-limit", type=float, help="solver time limit in seconds")
+def add_solver_args(parser: ArgumentParser, remove_required: bool) -> None:
+    add_config_flags(parser, "solver", required=("num_remove",) if remove_required else ())

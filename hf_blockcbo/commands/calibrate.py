@@ -15,6 +15,7 @@ class CalibrateCommand(BaseCommand):
         add_model_args(parser)
         add_calibration_args(parser)
         parser.add_argument("--output", required=True, help="path of the artifact (e.g. hessian.safetensors)")
+        parser.add_argument("--overwrite", action="store_true", help="replace an existing artifact")
         scale = parser.add_argument_group("scale")
         scale.add_argument("--checkpoint-every", type=int, default=10, help="checkpoint rows every N batches (0: off)")
         scale.add_argument(
@@ -30,12 +31,15 @@ class CalibrateCommand(BaseCommand):
     def run(self) -> int:
         from ..distributed import fsdp_requested, process_state
         from ..errors import BlockCBOError
+        from ..io_utils import check_not_an_input, check_output_file
         from ..models import load_model, resolve_model
         from ..pipeline import calibrate
         from ..resume import remove_partials
 
         args = self.args
         config = self.config()
+        check_not_an_input(args.output, [config.model, config.data, config.validation_data])
+        check_output_file(args.output, args.overwrite)  # before the long work, not after
         _, world, is_main, state = process_state()
         fsdp = (args.fsdp or fsdp_requested()) and world > 1
         if fsdp and args.device_map:

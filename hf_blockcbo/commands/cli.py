@@ -8,6 +8,7 @@ from argparse import ArgumentParser
 from .base import BaseCommand
 from .calibrate import CalibrateCommand
 from .compare import CompareCommand
+from .diagnose import DiagnoseCommand
 from .heal import HealCommand
 from .prune import PruneCommand
 from .push import PushCommand
@@ -19,6 +20,7 @@ COMMANDS: list[type[BaseCommand]] = [
     SolveCommand,
     PruneCommand,
     CompareCommand,
+    DiagnoseCommand,
     HealCommand,
     PushCommand,
 ]

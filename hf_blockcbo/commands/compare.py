@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from argparse import ArgumentParser
 
-from .base import BaseCommand, CommandInfo, add_calibration_args, add_model_args, parse_int_list
+from .base import BaseCommand, CommandInfo, add_calibration_args, add_config_flags, add_model_args, parse_int_list
 
 
 class CompareCommand(BaseCommand):
@@ -19,16 +19,15 @@ class CompareCommand(BaseCommand):
             "--methods", default="cbo,bi,angular,norm_ratio,sleb,swm,random", help="scorers to compare"
         )
         parser.add_argument("--hessian", help="reuse this artifact for CBO instead of calibrating")
-        parser.add_argument("--top-k", type=int, help="CBO states evaluated for selection (default 20)")
-        parser.add_argument("--select", choices=["validation", "energy"], help="CBO pick (default validation)")
-        parser.add_argument("--validation-data", help="selection data (default: embedded validation split)")
+        add_config_flags(parser, "solver", exclude=("num_remove",))
+        add_config_flags(parser, "selection", exclude=("validation_samples",))
         parser.add_argument("--test-data", help="test data (default: embedded test split)")
         parser.add_argument("--eval-samples", type=int, default=32, help="validation and test samples (default 32)")
         parser.add_argument("--sleb-samples", type=int, default=8, help="samples for SLEB's greedy loss (default 8)")
-        parser.add_argument("--seed", type=int, help="seed of the random baseline and the solvers")
         parser.add_argument("--mc", help="multiple-choice JSONL files (benchkit format), comma-separated")
         parser.add_argument("--mc-limit", type=int, default=100, help="items per multiple-choice file (default 100)")
         parser.add_argument("--output-dir", required=True, help="folder for compare.md, compare.csv, compare.png")
+        parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --output-dir")
 
     def run(self) -> int:
         import time
@@ -38,6 +37,7 @@ class CompareCommand(BaseCommand):
         from ..data import build_calibration_set
         from ..errors import BlockCBOError
         from ..hessian import HessianArtifact
+        from ..io_utils import check_not_an_input, check_output_dir
         from ..models import load_model, resolve_model
         from ..pipeline import calibrate
         from ..scorers import ScoringContext, available_scorers
@@ -45,8 +45,8 @@ class CompareCommand(BaseCommand):
         args = self.args
         start = time.perf_counter()
         config = self.config()
-        if args.top_k is None:
-            config = config.replace(top_k=20)
+        check_not_an_input(args.output_dir, [config.model, config.data, args.hessian, args.test_data])
+        check_output_dir(args.output_dir, args.overwrite)
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         unknown = sorted(set(methods) - set(available_scorers()))
         if unknown:
@@ -65,7 +65,7 @@ class CompareCommand(BaseCommand):
 
         def held_out(data, default):
             return build_calibration_set(
-                tokenizer, data or default, num_samples=args.eval_samples, seq_len=config.seq_len
+                tokenizer, data or default, num_samples=args.eval_samples, seq_len=config.seq_len, seed=config.seed
             )
 
         validation = held_out(config.validation_data, "embedded:validation")

@@ -8,6 +8,7 @@ from .base import (
     BaseCommand,
     CommandInfo,
     add_calibration_args,
+    add_config_flags,
     add_model_args,
     add_selection_args,
     add_solver_args,
@@ -24,15 +25,11 @@ class PruneCommand(BaseCommand):
         add_calibration_args(parser)
         add_solver_args(parser, remove_required=False)
         add_selection_args(parser)
-        pick = parser.add_argument_group("explicit choice")
-        pick.add_argument(
-            "--method", dest="scorer", help="block scorer: cbo (default), bi, angular, norm_ratio, sleb, swm, random"
-        )
+        add_config_flags(parser, "choice")
+        pick = parser.add_argument_group("artifacts")
         pick.add_argument("--hessian", help="reuse this artifact instead of calibrating")
         pick.add_argument("--save-hessian", help="also write the computed artifact here")
-        pick.add_argument("--blocks", help="remove exactly these blocks, e.g. 3,5,7 (no calibration)")
         pick.add_argument("--candidates", help="candidates JSON from `solve`; with --rank picks one")
-        pick.add_argument("--rank", type=int, help="take this state of the spectrum (0 = ground state), no selection")
         parser.add_argument("--output", required=True, help="folder for the pruned model")
         parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
         parser.add_argument("--heal", action="store_true", help="then heal by distillation from the unpruned model")
@@ -45,13 +42,18 @@ class PruneCommand(BaseCommand):
     def run(self) -> int:
         from ..architectures import describe_blocks
         from ..hessian import HessianArtifact
-        from ..io_utils import check_output_dir
+        from ..io_utils import check_not_an_input, check_output_dir, check_output_file
         from ..models import load_model, resolve_model
         from ..pipeline import choose_blocks, prune_and_save
 
         args = self.args
         config = self.config()
+        inputs = [config.model, config.data, config.validation_data, args.hessian, args.candidates, args.config]
+        check_not_an_input(args.output, inputs)
         check_output_dir(args.output, args.overwrite)  # fail before the long work, not after
+        if args.save_hessian:
+            check_not_an_input(args.save_hessian, inputs)
+            check_output_file(args.save_hessian, args.overwrite)
         source = resolve_model(config.model, config.revision)
         model, tokenizer = load_model(source, dtype=config.dtype)
         artifact = None

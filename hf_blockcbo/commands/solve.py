@@ -14,15 +14,21 @@ class SolveCommand(BaseCommand):
     def parse_args(parser: ArgumentParser) -> None:
         parser.add_argument("--hessian", required=True, help="artifact written by `hf-blockcbo calibrate`")
         parser.add_argument("--config", help="a BlockRemovalConfig JSON/YAML file; flags override its values")
-        add_solver_args(parser, remove_required=False, solver_flag="--method")
+        add_solver_args(parser, remove_required=False)
         parser.add_argument("--output", help="candidates JSON (list of {rank, blocks, energy})")
         parser.add_argument("--plot", help="PNG: energy vs rank and the block-frequency map of the K states")
+        parser.add_argument("--overwrite", action="store_true", help="replace existing --output / --plot files")
 
     def run(self) -> int:
         from ..hessian import HessianArtifact
+        from ..io_utils import check_not_an_input, check_output_file
         from ..pipeline import solve_artifact, write_candidates
 
         config = self.config()
+        for output in (self.args.output, self.args.plot):
+            if output:
+                check_not_an_input(output, [self.args.hessian, self.args.config])
+                check_output_file(output, self.args.overwrite)
         artifact = HessianArtifact.load(self.args.hessian)
         result = solve_artifact(artifact, config)
         if self.args.output:

@@ -22,19 +22,18 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 from hf_blockcbo.architectures import count_parameters, describe_blocks  # noqa: E402
-from hf_blockcbo.calibration import compute_gate_gradients  # noqa: E402
-from hf_blockcbo.data import CalibrationSet, build_calibration_set  # noqa: E402
+from hf_blockcbo.config import BlockRemovalConfig  # noqa: E402
+from hf_blockcbo.data import build_calibration_set  # noqa: E402
 from hf_blockcbo.errors import BlockCBOError  # noqa: E402
 from hf_blockcbo.evaluation import perplexity  # noqa: E402
 from hf_blockcbo.gates import BlockGates  # noqa: E402
 from hf_blockcbo.hessian import HessianArtifact  # noqa: E402
 from hf_blockcbo.models import load_model, resolve_model  # noqa: E402
-from hf_blockcbo.removal import remove_blocks, save_pruned  # noqa: E402
+from hf_blockcbo.pipeline import Selection, calibrate, prune_and_save  # noqa: E402
 from hf_blockcbo.scorers import ScoringContext, score  # noqa: E402
-from hf_blockcbo.solvers import solve  # noqa: E402
+from hf_blockcbo.solving import solve_artifact  # noqa: E402
 
 
 try:  # ZeroGPU when available, a no-op elsewhere
@@ -64,6 +63,8 @@ MAX_TEXT_CHARS = 50_000
 MAX_SAMPLES = 64
 MAX_PARAMETERS = 1_000_000_000
 MAX_NEW_TOKENS = 64
+# the Space's settings: the package defaults (curvature included) with the demo's bounded sizes
+DEMO_CONFIG = BlockRemovalConfig(seq_len=64, batch_size=4)
 _lock = threading.Lock()
 _models: dict[str, tuple] = {}
 _artifacts: dict[str, HessianArtifact] = {}
@@ -98,7 +99,7 @@ def _artifact(model_id: str) -> HessianArtifact:
 # -- 1. the Hessian -----------------------------------------------------------------------------------------------
 @gpu
 def compute_hessian(model_id: str, source: str, pasted: str, upload, num_samples: int, progress=gr.Progress()):  # noqa: B008
-    """Per-sample gate gradients on the chosen text, H = AᵀA/m; returns a status line."""
+    """The energy matrix on the chosen text by the package's pipeline (curvature: the config's default); a status line."""
     model, tokenizer, model_source = _model(model_id)
     num_samples = int(min(max(num_samples, 4), MAX_SAMPLES))
     if source == "pasted text":
@@ -114,31 +115,24 @@ def compute_hessian(model_id: str, source: str, pasted: str, upload, num_samples
         data = upload if isinstance(upload, str) else upload.name
     else:
         data = None
+    config = DEMO_CONFIG.replace(data=data, num_samples=num_samples)
+    progress(0.05, desc=f"energy matrix ({config.curvature})")
     try:
-        calibration = build_calibration_set(tokenizer, data, num_samples=num_samples, seq_len=64)
+        artifact = calibrate(model, tokenizer, config, model_source, progress=False)
     except BlockCBOError as err:
         raise gr.Error(str(err)) from err
-    progress(0.05, desc="Hessian pass")
-    rows, losses = [], []
-    for start in range(0, len(calibration), 4):
-        part = CalibrationSet(
-            calibration.input_ids[start : start + 4], calibration.attention_mask[start : start + 4], ""
-        )
-        a, loss = compute_gate_gradients(model, part, batch_size=4, progress=False)
-        rows.append(a)
-        losses.append(loss)
-        progress(min(1.0, (start + 4) / len(calibration)), desc="Hessian pass")
-    blocks = describe_blocks(model)
-    _artifacts[model_id] = HessianArtifact(
-        A=torch.cat(rows),
-        block_names=[b.name for b in blocks],
-        block_kinds=[b.kind for b in blocks],
-        block_num_parameters=[b.num_parameters for b in blocks],
-        losses=torch.cat(losses),
-        metadata={"model": model_source.model_id, "dataset": calibration.source},
-    )
+    _artifacts[model_id] = artifact
     _stats.pop(model_id, None)
-    return f"Hessian from {len(calibration)} samples of 64 tokens ({calibration.source}); {len(blocks)} blocks."
+    return (
+        f"Hessian from {num_samples} samples of {config.seq_len} tokens ({artifact.metadata['dataset']}); "
+        f"{artifact.num_blocks} blocks; curvature estimator: {artifact.curvature}."
+    )
+
+
+def _solve(artifact: HessianArtifact, num_remove: int, top_k: int):
+    """The spectrum exactly as `hf-blockcbo prune` would solve it (same config fields, same solver call)."""
+    config = DEMO_CONFIG.replace(num_remove=int(num_remove), top_k=int(min(max(int(top_k), 1), 100)))
+    return solve_artifact(artifact, config)
 
 
 # -- 2. the spectrum ----------------------------------------------------------------------------------------------
@@ -162,7 +156,7 @@ def _figures(artifact: HessianArtifact, result):
     heat, ax = plt.subplots(figsize=(4.2, 3.6))
     image = ax.imshow(artifact.H.numpy(), cmap="RdBu_r", vmin=-abs(artifact.H).max(), vmax=abs(artifact.H).max())
     heat.colorbar(image, ax=ax)
-    ax.set_title("Hessian H = AᵀA/m")
+    ax.set_title(f"energy matrix ({artifact.curvature})")
     heat.tight_layout()
     for fig in (spectrum, frequency, heat):
         plt.close(fig)
@@ -183,7 +177,7 @@ def spectrum(model_id: str, num_remove: int, top_k: int):
     """Energy spectrum, block-frequency map, Hessian heat map, candidates and the baselines' choices."""
     artifact = _artifact(model_id)
     num_remove = int(min(max(int(num_remove), 1), artifact.num_blocks - 1))  # the slider adapts to the model
-    result = solve(artifact.H.numpy(), num_remove, top_k=int(min(max(top_k, 1), 100)))
+    result = _solve(artifact, num_remove, top_k)
     sizes = artifact.block_num_parameters or [0] * artifact.num_blocks
     total = int(artifact.metadata.get("num_parameters") or 0) or sum(sizes)
     rows = [
@@ -227,7 +221,7 @@ def generate(model_id: str, num_remove: int, top_k: int, rank: int, prompt: str)
     if not prompt or len(prompt) > 2000:
         raise gr.Error("write a prompt of at most 2000 characters")
     artifact = _artifact(model_id)
-    result = solve(artifact.H.numpy(), int(num_remove), top_k=int(top_k))
+    result = _solve(artifact, num_remove, top_k)
     rank = int(rank or 0)
     if rank >= len(result.candidates):
         raise gr.Error(f"pick a rank below {len(result.candidates)}")
@@ -246,27 +240,28 @@ def generate(model_id: str, num_remove: int, top_k: int, rank: int, prompt: str)
 
 
 def download(model_id: str, num_remove: int, top_k: int, rank: int):
-    """The pruned model as a zip: a plain transformers folder with its provenance."""
+    """The pruned model as a zip: a plain transformers folder with the same provenance `hf-blockcbo prune` writes."""
     import copy
 
     artifact = _artifact(model_id)
-    candidate = solve(artifact.H.numpy(), int(num_remove), top_k=int(top_k)).candidates[int(rank or 0)]
+    result = _solve(artifact, num_remove, top_k)
+    rank = int(rank or 0)
+    if rank >= len(result.candidates):
+        raise gr.Error(f"pick a rank below {len(result.candidates)}")
+    candidate = result.candidates[rank]
     model, tokenizer, source = _model(model_id)
-    pruned = remove_blocks(copy.deepcopy(model), candidate.blocks)
-    folder = Path(tempfile.mkdtemp()) / "pruned"
-    save_pruned(
-        pruned,
-        tokenizer,
-        folder,
-        {
-            **source.to_dict(),
-            "removed_blocks": list(candidate.blocks),
-            "energy": candidate.energy,
-            "rank": candidate.rank,
-        },
+    selection = Selection(
+        blocks=list(candidate.blocks),
+        how=f"rank {rank} by energy (chosen in the Space)",
+        energy=candidate.energy,
+        rank=candidate.rank,
+        solver={k: v for k, v in result.to_dict().items() if k != "candidates"},
+        spectrum=[c.to_dict() for c in result.candidates],
     )
-    archive = shutil.make_archive(str(folder), "zip", folder)
-    return archive
+    folder = Path(tempfile.mkdtemp()) / "pruned"
+    config = DEMO_CONFIG.replace(num_remove=int(num_remove), top_k=int(top_k), rank=rank)
+    prune_and_save(copy.deepcopy(model), tokenizer, selection, folder, source, config, artifact)
+    return shutil.make_archive(str(folder), "zip", folder)
 
 
 def push(model_id: str, num_remove: int, top_k: int, rank: int, repo_id: str, token: str):
@@ -284,9 +279,10 @@ def build_demo() -> gr.Blocks:
     with gr.Blocks(title="hf_blockcbo: block removal by constrained binary optimization") as demo:
         gr.Markdown(
             "# Which transformer blocks can go?\n"
-            "Every block gets a gate α; per-sample gradients give H = AᵀA/m, and the **K lowest states** of "
-            "min xᵀHx with Σx = M are the candidates — often not consecutive, and the best is not always the "
-            "ground state. For the default model a precomputed Hessian is loaded, so the spectrum is instant."
+            "Every block gets a gate α; an energy matrix Q predicts the damage of switching blocks off, and the "
+            "**K lowest states** of min xᵀQx with Σx = M are the candidates — often not consecutive. Q is estimated "
+            f"by the `{DEMO_CONFIG.curvature}` curvature (the package default; the shipped matrix names its own "
+            "in the heat map). For the default model a precomputed matrix is loaded, so the spectrum is instant."
         )
         with gr.Row():
             model_id = gr.Textbox(value=DEFAULT_MODEL, label="model (Hub id, folder, or embedded:smollm2)")

