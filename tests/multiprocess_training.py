@@ -35,7 +35,9 @@ def main() -> None:
     cal = build_calibration_set(tokenizer, None, num_samples=16, seq_len=16)
     rows = [{"input_ids": ids.tolist()} for ids in cal.input_ids]
     callback = BlockRemovalCallback(
-        BlockRemovalConfig(num_remove=2, top_k=3, curvature="empirical"), at="train_begin", remove_at_step=a.remove_at_step
+        BlockRemovalConfig(num_remove=2, top_k=3, curvature="empirical"),
+        at="train_begin",
+        remove_at_step=a.remove_at_step,
     )
     args = TrainingArguments(
         output_dir=str(Path(a.out) / "run"),

@@ -263,3 +263,58 @@ def test_every_command_is_also_an_optimum_cli_subcommand():
     assert out.returncode == 0, out.stderr
     for name in ("calibrate", "solve", "prune", "compare", "push"):
         assert name in out.stdout, f"{name} missing: is hf_blockcbo installed non-editable (pip install .)?"
+
+
+def test_diagnose_reports_rank_correlations_and_a_plot(artifact_path, tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "diag"
+    args = ["diagnose", "--model", str(tiny_model_dir), "--hessian", str(artifact_path), "--remove", "1,2"]
+    args += ["--seq-len", "24", "--eval-samples", "3", "--random-states", "4", "--bootstrap", "10", "--no-progress"]
+    assert main([*args, "--output-dir", str(out)]) == 0
+    text = (out / "diagnose.md").read_text()
+    assert "Spearman" in text and "| 1 | 6 + 0 |" in text  # M = 1: all 6 states are the top-K, no random left over
+    assert "| 2 |" in text and (out / "diagnose.png").stat().st_size > 5000
+    before = (out / "diagnose.md").stat().st_mtime_ns
+    assert main([*args, "--output-dir", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and (out / "diagnose.md").stat().st_mtime_ns == before
+
+
+def _snapshot(paths):
+    return {str(p): (p.read_bytes() if p.is_file() else sorted(x.name for x in p.iterdir())) for p in paths}
+
+
+def test_an_output_never_replaces_or_contains_an_input(artifact_path, tiny_model_dir, tmp_path, capsys):
+    """Each row: a command whose output is an input, contains one, or exists; one line, exit 2, inputs untouched."""
+    import shutil
+
+    model = tmp_path / "models" / "tiny"
+    shutil.copytree(tiny_model_dir, model)
+    hessian = tmp_path / "h.safetensors"
+    shutil.copy(artifact_path, hessian)
+    existing = tmp_path / "existing.safetensors"
+    existing.write_bytes(b"keep me")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("keep")
+    rows = [
+        (["solve", "--hessian", str(hessian), "--remove", "2", "--output", str(hessian)], "input"),
+        (["solve", "--hessian", str(hessian), "--remove", "2", "--output", str(existing)], "--overwrite"),
+        (["calibrate", "--model", str(model), *COMMON, "--output", str(existing)], "--overwrite"),
+        (["calibrate", "--model", str(model), *COMMON, "--output", str(model / "h.safetensors")], "input"),
+        (
+            ["prune", "--model", str(model), "--blocks", "1", "--output", str(tmp_path / "models"), "--overwrite"],
+            "input",
+        ),
+        (["prune", "--model", str(model), "--blocks", "1", "--output", str(busy)], "--overwrite"),
+        (
+            ["compare", "--model", str(model), "--remove", "1", "--methods", "bi", "--output-dir", str(busy)],
+            "--overwrite",
+        ),
+    ]
+    watched = [model, hessian, existing, busy]
+    before = _snapshot(watched)
+    for argv, fragment in rows:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert fragment in err and len(err.splitlines()) == 1 and "Traceback" not in err, (argv, err)
+    assert _snapshot(watched) == before, "no input changed"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "existing.safetensors", "h.safetensors", "models"]

@@ -150,7 +150,9 @@ def test_callback_writes_the_artifact_and_removes_blocks_mid_training(tiny_model
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     cal = build_calibration_set(tokenizer, None, num_samples=16, seq_len=16)
     rows = [{"input_ids": ids.tolist()} for ids in cal.input_ids]
-    callback = BlockRemovalCallback(BlockRemovalConfig(num_remove=2, top_k=3, curvature="empirical"), at="train_begin", remove_at_step=2)
+    callback = BlockRemovalCallback(
+        BlockRemovalConfig(num_remove=2, top_k=3, curvature="empirical"), at="train_begin", remove_at_step=2
+    )
     args = TrainingArguments(
         output_dir=str(tmp_path / "run"),
         per_device_train_batch_size=4,
