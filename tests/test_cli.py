@@ -86,7 +86,10 @@ def test_prune_end_to_end_with_saved_hessian(tiny_model_dir, tmp_path, capsys):
     # reuse the artifact: same choice, no calibration
     out2 = tmp_path / "p2"
     assert (
-        main(["prune", "--model", str(tiny_model_dir), "--remove", "3", "--hessian", str(art), "--output", str(out2)])
+        main(
+            ["prune", "--model", str(tiny_model_dir), "--remove", "3", *COMMON, "--hessian", str(art)]
+            + ["--output", str(out2)]
+        )
         == 0
     )
     assert json.loads((out2 / "block_removal.json").read_text())["removed_blocks"] == provenance["removed_blocks"]
@@ -188,7 +191,7 @@ def test_solve_plot_and_constraints(artifact_path, tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = json.loads(out.read_text())
     assert all(not {0, 5} & set(r["blocks"]) for r in rows)
-    assert main([*args, "--per-kind", "moe=1", "--output", str(out)]) == 2
+    assert main([*args, "--per-kind", "moe=1", "--output", str(out), "--overwrite"]) == 2
     assert "no blocks of kind" in capsys.readouterr().err
 
 

@@ -132,5 +132,5 @@ def test_chat_records_are_taken_in_a_seeded_order(tokenizer, tmp_path):
     in_file_order = build_calibration_set(tokenizer, str(path), num_samples=12, seq_len=32, seed=0)
     ids, masks = in_file_order.input_ids, in_file_order.attention_mask
     texts = [tokenizer.decode(r[m.bool()]) for r, m in zip(ids, masks, strict=True)]
-    numbers = [int(t.split("question")[1].split()[0]) for t in texts]
+    numbers = [int(t.split("question")[1].split("<")[0]) for t in texts]
     assert sorted(numbers) == list(range(12)) and numbers != list(range(12)), "all records, in the seed's order"

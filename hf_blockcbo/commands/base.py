@@ -80,11 +80,25 @@ def flag_name(field_name: str) -> str:
     return FLAG_NAMES.get(field_name, "--" + field_name.replace("_", "-"))
 
 
+def _for_argparse(parse):
+    """argparse prints an `ArgumentTypeError`'s own message (one line, exit 2); other errors become 'invalid value'."""
+    from argparse import ArgumentTypeError
+
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as err:  # BlockCBOError is a ValueError
+            raise ArgumentTypeError(str(err)) from err
+
+    convert.__name__ = parse.__name__
+    return convert
+
+
 def _converter(field_name: str, annotation: str):
     if field_name in ("protected", "blocks"):
-        return parse_int_list
+        return _for_argparse(parse_int_list)
     if field_name == "per_kind":
-        return parse_per_kind_flag
+        return _for_argparse(parse_per_kind_flag)
     if annotation.startswith("int"):
         return int
     if annotation.startswith("float"):

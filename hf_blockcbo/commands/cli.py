@@ -40,7 +40,10 @@ def build_parser(prog: str = "hf-blockcbo") -> ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # argparse printed its one line (or the help): return its code, do not exit
+        return int(stop.code or 0)
     if getattr(args, "command_class", None) is None:
         parser.print_help()
         return 2

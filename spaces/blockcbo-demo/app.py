@@ -36,11 +36,11 @@ from hf_blockcbo.scorers import ScoringContext, score  # noqa: E402
 from hf_blockcbo.solving import solve_artifact  # noqa: E402
 
 
-try:  # ZeroGPU when available, a no-op elsewhere
+try:  # ZeroGPU when available, a no-op elsewhere (a checkout's own spaces/ folder is not the `spaces` package)
     import spaces
 
     gpu = spaces.GPU
-except ImportError:  # pragma: no cover
+except (ImportError, AttributeError):  # pragma: no cover
 
     def gpu(fn):
         return fn
