@@ -184,7 +184,7 @@ def compute_gate_gradients(
     if len(calibration) == 0:
         raise BlockCBOError("the calibration set is empty; give at least one sample")
     if batch_size <= 0:
-        raise BlockCBOError(f"--batch-size must be positive, got {batch_size}")
+        raise BlockCBOError(f"`batch_size` must be positive, got {batch_size}")
     rows, losses = [], []
     done = 0
     resumed = checkpoint.load() if checkpoint is not None else None

@@ -179,7 +179,7 @@ def _pack(
     if available < num_samples:
         raise BlockCBOError(
             f"the calibration data holds {len(stream)} tokens: {available} samples of {seq_len} tokens, "
-            f"but {num_samples} were asked for; give more text or lower --num-samples / --seq-len"
+            f"but {num_samples} were asked for; give more text or lower `num_samples` / `seq_len`"
         )
     offset = int(rng.integers(0, len(stream) - available * window + 1))
     chosen = rng.choice(available, size=num_samples, replace=False)  # random order: any prefix is a random draw too
@@ -210,7 +210,7 @@ def _truncate(
     if len(rows) < num_samples:
         raise BlockCBOError(
             f"the calibration data holds {len(rows)} usable records (2+ tokens each) but {num_samples} were asked "
-            "for; give more records or lower --num-samples"
+            "for; give more records or lower `num_samples`"
         )
     width = max(len(r) for r in rows)
     input_ids = torch.full((num_samples, width), pad_id, dtype=torch.long)
@@ -244,9 +244,9 @@ def build_calibration_set(
         seed (`int`, defaults to 0): which windows are drawn from the packed stream / the order records are taken in.
     """
     if num_samples <= 0:
-        raise BlockCBOError(f"--num-samples must be positive, got {num_samples}")
+        raise BlockCBOError(f"`num_samples` must be positive, got {num_samples}")
     if seq_len < 2:
-        raise BlockCBOError(f"--seq-len must be at least 2, got {seq_len}")
+        raise BlockCBOError(f"`seq_len` must be at least 2, got {seq_len}")
     if packing not in ("auto", "pack", "truncate"):
         raise BlockCBOError(f"unknown packing {packing!r}; choose auto, pack or truncate")
     records, description = load_records(source, split)

@@ -32,7 +32,7 @@ def resolve_gate_kind(spec: ArchitectureSpec, gate: str) -> str:
         return "branch" if spec.branches else "layer"
     if gate == "branch" and not spec.branches:
         raise BlockCBOError(
-            f"the {spec.name!r} architecture has no known residual branches; use --gate layer for this model"
+            f"the {spec.name!r} architecture has no known residual branches; use `gate=layer` for this model"
         )
     return gate
 

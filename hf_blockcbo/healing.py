@@ -57,6 +57,8 @@ class HealConfig(SFTConfig):
             raise BlockCBOError(f"temperature must be positive, got {self.temperature}")
         if self.teacher_top_k < 0:
             raise BlockCBOError(f"teacher_top_k must be ≥ 0, got {self.teacher_top_k}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise BlockCBOError(f"max_steps must be positive (or -1: one epoch), got {self.max_steps}")
         if self.teacher_top_k and (self.packing or self.padding_free):
             raise BlockCBOError("a cached teacher needs one sequence per row: turn packing / padding_free off")
         if 0 < self.max_steps < 10 * self.warmup_steps:
@@ -274,7 +276,10 @@ def heal(
         data_name = "embedded"
     else:
         records, data_name = load_records(data)
-    train = _dataset(_split_text(records, max_chars=4 * (args.max_length or 1024)))
+    chunks = _split_text(records, max_chars=4 * (args.max_length or 1024))
+    if not any(str(c.get("text", c.get("messages", ""))).strip() for c in chunks):
+        raise BlockCBOError(f"the healing data {data_name!r} holds no text; give a non-empty .txt / .jsonl")
+    train = _dataset(chunks)
     validation = build_calibration_set(tokenizer, eval_data or "embedded:validation", eval_samples, 128)
     before = perplexity(student, validation)
     trainer = DistillationSFTTrainer(

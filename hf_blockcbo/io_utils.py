@@ -33,6 +33,9 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600 files; an output gets the usual permissions
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

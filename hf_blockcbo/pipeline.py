@@ -90,7 +90,7 @@ def calibrate(
     if not estimator.shardable:
         if fsdp:
             raise BlockCBOError(
-                f"curvature {config.curvature!r} runs forward passes only and is not sharded; drop --fsdp or use "
+                f"curvature {config.curvature!r} runs forward passes only and is not sharded; drop fsdp or use "
                 "curvature fisher"
             )
         rank, world = 0, 1
@@ -205,7 +205,7 @@ def _explicit_selection(config: BlockRemovalConfig, candidates_file: str | None)
         rows = read_candidates(candidates_file)
         rank = config.rank or 0
         if rank >= len(rows):
-            raise BlockCBOError(f"--rank {rank} is beyond the {len(rows)} states in {candidates_file}")
+            raise BlockCBOError(f"`rank` {rank} is beyond the {len(rows)} states in {candidates_file}")
         row = rows[rank]
         return Selection(row["blocks"], "candidates file", row.get("energy"), row.get("rank", rank))
     return None
@@ -229,7 +229,7 @@ def choose_blocks(
     if explicit is not None:
         return explicit, artifact
     if config.num_remove is None:
-        raise BlockCBOError("say how many blocks to remove (--remove K), or pick them with --blocks")
+        raise BlockCBOError("say how many blocks to remove (`num_remove`), or pick them (`blocks`)")
     num_blocks = len(describe_blocks(model))
     if config.num_remove >= num_blocks:
         raise BlockCBOError(
@@ -250,7 +250,7 @@ def choose_blocks(
     candidates = result.candidates
     if config.rank is not None:
         if config.rank >= len(candidates):
-            raise BlockCBOError(f"--rank {config.rank} is beyond the {len(candidates)} states found")
+            raise BlockCBOError(f"`rank` {config.rank} is beyond the {len(candidates)} states found")
         chosen, how = candidates[config.rank], f"rank {config.rank} by energy"
     elif config.select == "energy" or len(candidates) == 1:
         chosen, how = candidates[0], "ground state (energy)"

@@ -80,7 +80,9 @@ class Provenance:
     def from_dir(cls, model_dir: str | os.PathLike) -> Provenance:
         path = Path(model_dir) / PROVENANCE_FILE
         if not path.is_file():
-            raise BlockCBOError(f"{str(model_dir)!r} has no {PROVENANCE_FILE}; it was not written by hf-blockcbo prune")
+            raise BlockCBOError(
+                f"{str(model_dir)!r} has no {PROVENANCE_FILE}; it was not written by hf-blockcbo prune"
+            )
         try:
             values = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:

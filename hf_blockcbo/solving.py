@@ -11,7 +11,7 @@ from .solvers import Constraints, SolveResult, solve
 def solve_artifact(artifact: HessianArtifact, config: BlockRemovalConfig) -> SolveResult:
     """The ``config.top_k`` lowest states for removing ``config.num_remove`` blocks."""
     if config.num_remove is None:
-        raise BlockCBOError("say how many blocks to remove (--remove K)")
+        raise BlockCBOError("say how many blocks to remove (`num_remove`)")
     if config.num_remove >= artifact.num_blocks:
         raise BlockCBOError(
             f"cannot remove {config.num_remove} of {artifact.num_blocks} blocks; choose K in 1..{artifact.num_blocks - 1}"

@@ -321,3 +321,16 @@ def test_an_output_never_replaces_or_contains_an_input(artifact_path, tiny_model
         assert fragment in err and len(err.splitlines()) == 1 and "Traceback" not in err, (argv, err)
     assert _snapshot(watched) == before, "no input changed"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "existing.safetensors", "h.safetensors", "models"]
+
+
+def test_library_errors_name_fields_and_the_cli_names_flags(artifact_path, capsys):
+    from hf_blockcbo.commands.base import to_flags
+
+    assert to_flags("use `solver=tabu` or raise `time_limit`; lower `num_samples`") == (
+        "use --solver tabu or raise --time-limit; lower --num-samples"
+    )
+    assert to_flags("say how many blocks to remove (`num_remove`)") == "say how many blocks to remove (--remove)"
+    assert to_flags("`not_a_field` stays") == "`not_a_field` stays"
+    argv = ["solve", "--hessian", str(artifact_path), "--remove", "2", "--per-kind", "attention=2"]
+    assert main([*argv, "--param-budget", "90", "--solver", "exact"]) == 2
+    assert "relax --per-kind / --param-budget / --protect" in capsys.readouterr().err

@@ -66,7 +66,7 @@ def test_bad_data_is_refused(tokenizer, tmp_path, content, match):
 def test_too_short_data_is_refused(tokenizer, tmp_path):
     path = tmp_path / "tiny.txt"
     path.write_text("Too short.")
-    with pytest.raises(BlockCBOError, match="lower --num-samples"):
+    with pytest.raises(BlockCBOError, match="lower `num_samples`"):
         build_calibration_set(tokenizer, str(path), num_samples=4, seq_len=64)
 
 

@@ -92,5 +92,5 @@ def test_layer_gate_works_without_a_registered_spec(tiny_llama):
         assert gates.gate == "layer"
         gates.set(torch.ones(gates.num_blocks))
         assert torch.equal(_logits(tiny_llama), reference)
-    with pytest.raises(BlockCBOError, match="--gate layer"):
+    with pytest.raises(BlockCBOError, match="gate=layer"):
         BlockGates(tiny_llama, gate="branch", spec=GENERIC)

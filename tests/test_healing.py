@@ -177,3 +177,25 @@ def test_healing_from_cached_teacher_logits(student, tiny_model_dir, tokenizer, 
     assert main(["heal", "--student", str(student), "--output", str(again), *args, str(cache), *HEAL]) == 0
     wrong_k = [a if a != "32" else "16" for a in args]
     assert main(["heal", "--student", str(student), "--output", str(tmp_path / "x"), *wrong_k, str(cache), *HEAL]) == 2
+
+
+@pytest.mark.parametrize(
+    "extra,fragment",
+    [(["--max-steps", "0"], "max_steps must be positive"), (["--max-steps", "-2"], "max_steps must be positive")],
+)
+def test_bad_step_counts_are_refused(student, tiny_model_dir, tmp_path, capsys, extra, fragment):
+    out = tmp_path / "healed"
+    argv = ["heal", "--student", str(student), "--teacher", str(tiny_model_dir), "--output", str(out), *extra]
+    assert main(argv) == 2
+    assert fragment in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "healed.checkpoints").exists()
+
+
+def test_empty_healing_data_is_refused_before_training(student, tiny_model_dir, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    out = tmp_path / "healed"
+    argv = ["heal", "--student", str(student), "--teacher", str(tiny_model_dir), "--data", str(empty)]
+    assert main([*argv, "--max-steps", "2", "--output", str(out)]) == 2
+    assert "holds no text" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "healed.checkpoints").exists()

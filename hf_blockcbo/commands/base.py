@@ -140,6 +140,24 @@ def add_config_flags(
         )
 
 
+def to_flags(message: str) -> str:
+    """A library error names config fields (`num_remove`, `solver=tabu`); on the command line they read as flags."""
+    import dataclasses
+    import re
+
+    from ..config import BlockRemovalConfig
+
+    fields = {f.name for f in dataclasses.fields(BlockRemovalConfig)}
+
+    def flag(match: re.Match) -> str:
+        name, value = match.group(1), match.group(2)
+        if name not in fields:
+            return match.group(0)
+        return flag_name(name) + (f" {value}" if value is not None else "")
+
+    return re.sub(r"`([a-z_]+)(?:=([^`]*))?`", flag, message)
+
+
 def config_from_args(args) -> object:
     """`--config` (if any) with every config flag that was given laid over it; fields map to flags by name."""
     import dataclasses

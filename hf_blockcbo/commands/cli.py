@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.command_class(args).run()
     except BlockCBOError as err:
-        print(f"hf-blockcbo {args.command}: error: {err}", file=sys.stderr)
+        from .base import to_flags
+
+        print(f"hf-blockcbo {args.command}: error: {to_flags(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"hf-blockcbo {args.command}: interrupted; nothing was written", file=sys.stderr)

@@ -46,7 +46,7 @@ def _solve_exact(Q, num_remove, top_k, seed, time_limit, cons):
     if time_limit is not None and count / EXACT_RATE > time_limit:
         raise BlockCBOError(
             f"exact enumeration of C({Q.shape[0]}, {num_remove}) = {count:.3g} states would outlast the "
-            f"{time_limit:g} s time limit; use --method tabu or raise --time-limit"
+            f"{time_limit:g} s time limit; use `solver=tabu` or raise `time_limit`"
         )
     if cons is not None:
         return (*enumerate_constrained(Q, num_remove, top_k, *cons), True, {})
@@ -60,7 +60,7 @@ def _solve_tabu(Q, num_remove, top_k, seed, time_limit, cons):
     if cons is not None:
         kind_ids, required, weights, min_weight = cons
         if min_weight > 0:
-            raise BlockCBOError("the tabu solver does not take a parameter budget; use --method exact")
+            raise BlockCBOError("the tabu solver does not take a parameter budget; use `solver=exact`")
         classes = swap_classes(kind_ids, required)
         initial = lambda rng: feasible_start(classes, kind_ids, required, num_remove, rng)  # noqa: E731
     states, energies, info = tabu_topk(
@@ -72,7 +72,9 @@ def _solve_tabu(Q, num_remove, top_k, seed, time_limit, cons):
 @register_solver("bnb")
 def _solve_branch_and_bound(Q, num_remove, top_k, seed, time_limit, cons):
     if cons is not None:
-        raise BlockCBOError("branch and bound takes no per-kind counts or budget yet; use --method exact or tabu")
+        raise BlockCBOError(
+            "branch and bound takes no per-kind counts or budget yet; use `solver=exact` or `solver=tabu`"
+        )
     start = time.perf_counter()
     seed_states, seed_energies, _ = tabu_topk(Q, num_remove, top_k, seed=seed, time_limit=time_limit)
     left = None if time_limit is None else max(0.0, time_limit - (time.perf_counter() - start))
@@ -91,7 +93,9 @@ def _solve_branch_and_bound(Q, num_remove, top_k, seed, time_limit, cons):
 @register_solver("torch")
 def _solve_torch(Q, num_remove, top_k, seed, time_limit, cons):
     if cons is not None:
-        raise BlockCBOError("the torch brute force takes no per-kind counts or budget; use --method exact or tabu")
+        raise BlockCBOError(
+            "the torch brute force takes no per-kind counts or budget; use `solver=exact` or `solver=tabu`"
+        )
     states, energies, complete = brute_force_topk(Q, num_remove, top_k, time_limit=time_limit)
     return states, energies, complete, {"complete": complete}
 
@@ -155,7 +159,7 @@ def solve(
     start = time.perf_counter()
     states, energies, certified, info = _SOLVERS[chosen](reduced, num_remove, top_k, seed, time_limit, cons)
     if len(states) == 0:
-        raise BlockCBOError("no configuration meets the constraints; relax --per-kind / --param-budget / --protect")
+        raise BlockCBOError("no configuration meets the constraints; relax `per_kind` / `param_budget` / `protected`")
     seconds = time.perf_counter() - start
     # Recompute energies from Q directly: the reported number never depends on a solver's incremental arithmetic.
     candidates = to_candidates(states, energies, index_map)

@@ -58,7 +58,7 @@ def brute_force_topk(
     prefix_size = m - 2
     num_prefixes = math.comb(n, prefix_size)
     if num_prefixes >= _CLAMP:
-        raise BlockCBOError(f"C({n}, {prefix_size}) prefixes are too many for brute force; use --method tabu")
+        raise BlockCBOError(f"C({n}, {prefix_size}) prefixes are too many for brute force; use `solver=tabu`")
     table = _binomial_table(n, max(prefix_size, 1), device)
     upper = torch.triu(torch.ones(n, n, dtype=torch.bool, device=device), diagonal=1)
     pair_q = 2.0 * Qt
