@@ -258,3 +258,16 @@ def build_calibration_set(
     build = _pack if packing == "pack" else _truncate
     input_ids, attention_mask = build(texts, tokenizer, num_samples, seq_len, seed)
     return CalibrationSet(input_ids=input_ids, attention_mask=attention_mask, source=description)
+
+
+def calibration_samples(tokenizer, config) -> CalibrationSet:
+    """The calibration samples a `BlockRemovalConfig` describes (data, count, length, packing, seed); every face and
+    every scorer builds them here, so they all see the same windows."""
+    return build_calibration_set(
+        tokenizer,
+        config.data,
+        num_samples=config.num_samples,
+        seq_len=config.seq_len,
+        packing=config.packing,
+        seed=config.seed,
+    )

@@ -26,7 +26,7 @@ from .errors import BlockCBOError
 from .gates import BlockGates
 from .hessian import HessianArtifact
 from .io_utils import atomic_file
-from .measured import _LOGIT_BYTES, configuration_damage, reference_pass
+from .measured import configuration_damage, reference_pass, rows_per_forward
 from .solving import solve_artifact
 
 
@@ -53,9 +53,7 @@ def measure_states(
         raise BlockCBOError("the held-out set is empty")
     states = [tuple(sorted(int(b) for b in s)) for s in states]
     device = next(model.parameters()).device
-    head = model.get_output_embeddings()
-    vocab = head.weight.shape[0] if head is not None else 1
-    rows = max(1, int(_LOGIT_BYTES // (held_out.seq_len * vocab * 4)))
+    rows = rows_per_forward(model, held_out.seq_len)
     kl_sum = torch.zeros(len(states), dtype=torch.float64)
     ce_sum = torch.zeros(len(states), dtype=torch.float64)
     base_sum, tokens = 0.0, 0
@@ -187,7 +185,7 @@ def diagnose(
     for m in removes:
         cfg = config.replace(num_remove=m)
         top = [c.blocks for c in solve_artifact(artifact, cfg).candidates]
-        rand = [s for s in random_states(artifact.num_blocks, m, random_count, config.seed + m, config.protected)]
+        rand = random_states(artifact.num_blocks, m, random_count, config.seed + m, config.protected)
         rand = [s for s in rand if s not in top]
         states = list(top) + rand
         q = artifact.energy_matrix(config.beta).numpy()

@@ -222,11 +222,16 @@ def prefix_sharing_agrees(model, gates, calibration: CalibrationSet) -> bool:
     return agrees
 
 
-def _measure(model, gates, calibration, configurations, batch_size, bar, share_prefix=True):
-    m, seq = len(calibration), calibration.seq_len
+def rows_per_forward(model: nn.Module, seq_len: int) -> int:
+    """Repeated samples one forward may hold so its logits stay near ``_LOGIT_BYTES`` (a 262k vocabulary)."""
     head = model.get_output_embeddings()
     vocab = head.weight.shape[0] if head is not None else 1
-    rows = max(1, int(_LOGIT_BYTES // (seq * vocab * 4)))
+    return max(1, int(_LOGIT_BYTES // (seq_len * vocab * 4)))
+
+
+def _measure(model, gates, calibration, configurations, batch_size, bar, share_prefix=True):
+    m = len(calibration)
+    rows = rows_per_forward(model, calibration.seq_len)
     device = next(model.parameters()).device
     column = {config: k for k, config in enumerate(configurations)}
     kl = torch.empty(m, len(configurations), dtype=torch.float64)

@@ -17,7 +17,7 @@ from torch import nn
 
 from .architectures import count_parameters, describe_blocks, get_architecture, get_layers
 from .config import BlockRemovalConfig
-from .data import CalibrationSet, build_calibration_set
+from .data import CalibrationSet, build_calibration_set, calibration_samples
 from .errors import BlockCBOError
 from .gates import resolve_gate_kind
 from .hessian import HessianArtifact
@@ -29,18 +29,6 @@ from .solving import solve_artifact
 
 
 logger = logging.getLogger(__name__)
-
-
-def calibration_samples(tokenizer, config: BlockRemovalConfig) -> CalibrationSet:
-    """The calibration samples of ``config`` (data, count, length, packing, seed): one definition for every face."""
-    return build_calibration_set(
-        tokenizer,
-        config.data,
-        num_samples=config.num_samples,
-        seq_len=config.seq_len,
-        packing=config.packing,
-        seed=config.seed,
-    )
 
 
 def validation_samples(tokenizer, config: BlockRemovalConfig, split: str = "validation") -> CalibrationSet:

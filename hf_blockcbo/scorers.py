@@ -75,16 +75,9 @@ class ScoringContext:
         cls, model, tokenizer, config, artifact=None, progress: bool = False, **overrides
     ) -> ScoringContext:
         """A context whose calibration samples and settings come from a `BlockRemovalConfig`."""
-        from .data import build_calibration_set
+        from .data import calibration_samples
 
-        calibration = build_calibration_set(
-            tokenizer,
-            config.data,
-            num_samples=config.num_samples,
-            seq_len=config.seq_len,
-            packing=config.packing,
-            seed=config.seed,
-        )
+        calibration = calibration_samples(tokenizer, config)
         settings = dict(
             top_k=config.top_k,
             seed=config.seed,
