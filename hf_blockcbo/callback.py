@@ -25,7 +25,7 @@ from transformers import TrainerCallback
 from .config import BlockRemovalConfig
 from .errors import BlockCBOError
 from .hessian import HessianArtifact
-from .removal import remove_blocks
+from .removal import check_removal, remove_blocks
 
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,9 @@ class BlockRemovalCallback(TrainerCallback):
         self.max_batches = max_batches
         self.use_train_data = use_train_data
         self.artifact: HessianArtifact | None = None
+        self.calibration = None  # the samples of the last Hessian pass (also what config.repair fits on)
         self.removed: list[int] | None = None
+        self.repair: dict | None = None
 
     # -- the Hessian pass ---------------------------------------------------------------------------------------
     def _dataloader(self, kwargs):
@@ -126,6 +128,7 @@ class BlockRemovalCallback(TrainerCallback):
         config = self.config.replace(batch_size=batch_size)
         artifact = calibrate(model, None, config, source, progress=False, calibration=calibration)
         self.artifact = artifact
+        self.calibration = calibration
         if state.is_main_process:
             out = Path(args.output_dir)
             out.mkdir(parents=True, exist_ok=True)
@@ -144,6 +147,13 @@ class BlockRemovalCallback(TrainerCallback):
         if self.config.num_remove is None:
             raise BlockCBOError("remove_at_step needs config.num_remove")
         blocks = list(solve_artifact(self.artifact, self.config).candidates[0].blocks)
+        check_removal(model, blocks)
+        if self.config.repair:  # fitted on the Hessian pass's samples, folded before the cut
+            from .repair import fit_repair
+
+            repair = fit_repair(model, blocks, self.calibration, self.config.repair_ridge, gate=self.config.gate)
+            repair.fold_into(model)
+            self.repair = repair.to_dict()
         before = {id(p) for p in model.parameters()}
         remove_blocks(model, blocks)
         kept = {id(p) for p in model.parameters()}

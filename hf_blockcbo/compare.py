@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import math
 import os
 import time
@@ -13,10 +14,14 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .data import CalibrationSet
+from .errors import BlockCBOError
 from .evaluation import multiple_choice_accuracy, perplexity
 from .io_utils import atomic_file
 from .scorers import ScoringContext, merged_copy, score
 from .selection import select_by_validation, spearman
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -30,6 +35,9 @@ class ComparisonRow:
     seconds: float
     note: str = ""
     accuracy: dict[str, float] = field(default_factory=dict)  # multiple-choice task -> zero-shot accuracy
+    repaired_validation_ppl: float | None = None  # the same blocks with the training-free repair
+    repaired_test_ppl: float | None = None
+    repair_seconds: float | None = None
 
 
 @dataclass
@@ -46,22 +54,32 @@ class Comparison:
 
     def markdown(self) -> str:
         tasks = sorted(self.baseline_accuracy)
+        repaired = any(r.repaired_test_ppl is not None for r in self.rows)
         base_acc = "".join(f", {t} accuracy {self.baseline_accuracy[t]:.3f}" for t in tasks)
+        rep_head = " repaired val ppl | repaired test ppl | repair s |" if repaired else ""
         lines = [
             f"Unpruned: validation perplexity {self.baseline_validation_ppl:.2f}, test {self.baseline_test_ppl:.2f}"
             f"{base_acc}.",
             "",
             "| M | method | blocks removed | CBO energy | validation ppl | test ppl |"
+            + rep_head
             + "".join(f" {t} acc |" for t in tasks)
             + " seconds | note |",
-            "| --- | --- | --- | --- | --- | --- |" + " --- |" * len(tasks) + " --- | --- |",
+            "| --- | --- | --- | --- | --- | --- |" + " --- |" * (len(tasks) + 3 * repaired) + " --- | --- |",
         ]
         for r in self.rows:
             energy = "" if math.isnan(r.energy) else f"{r.energy:.4g}"
             accs = "".join(f" {r.accuracy.get(t, float('nan')):.3f} |" for t in tasks)
+            rep = ""
+            if repaired:
+                rep = (
+                    " | | |"
+                    if r.repaired_test_ppl is None
+                    else f" {r.repaired_validation_ppl:.2f} | {r.repaired_test_ppl:.2f} | {r.repair_seconds:.1f} |"
+                )
             lines.append(
                 f"| {r.num_remove} | {r.method} | {r.blocks} | {energy} | {r.validation_ppl:.2f} | {r.test_ppl:.2f} |"
-                f"{accs} {r.seconds:.1f} | {r.note} |"
+                f"{rep}{accs} {r.seconds:.1f} | {r.note} |"
             )
         if self.spectra:
             lines.append("")
@@ -75,11 +93,15 @@ class Comparison:
     def csv(self) -> str:
         out = io.StringIO()
         writer = csv.writer(out)
-        writer.writerow(["num_remove", "method", "blocks", "energy", "validation_ppl", "test_ppl", "seconds", "note"])
+        writer.writerow(
+            ["num_remove", "method", "blocks", "energy", "validation_ppl", "test_ppl"]
+            + ["repaired_validation_ppl", "repaired_test_ppl", "repair_seconds", "seconds", "note"]
+        )
         for r in self.rows:
             blocks = " ".join(map(str, r.blocks))
             writer.writerow(
-                [r.num_remove, r.method, blocks, r.energy, r.validation_ppl, r.test_ppl, r.seconds, r.note]
+                [r.num_remove, r.method, blocks, r.energy, r.validation_ppl, r.test_ppl]
+                + [r.repaired_validation_ppl, r.repaired_test_ppl, r.repair_seconds, r.seconds, r.note]
             )
         return out.getvalue()
 
@@ -94,10 +116,33 @@ def run_comparison(
     progress: bool = True,
     tokenizer=None,
     mc_tasks: dict[str, list[dict]] | None = None,
+    repair_data: CalibrationSet | None = None,
+    repair_ridge: float = 1e-3,
 ) -> Comparison:
     """Every method × every M: choose blocks, then validation and test perplexity (gate-masked; swm on a merged copy),
-    and zero-shot accuracy on each multiple-choice task in ``mc_tasks`` (name → items)."""
+    and zero-shot accuracy on each multiple-choice task in ``mc_tasks`` (name → items).
+
+    With ``repair_data`` every row also gets the perplexities after the training-free repair fitted on it, and a
+    row ``cbo (repair-aware)`` selects among the CBO states by their repaired validation perplexity.
+    """
+    from .repair import fit_repair
+
     model = ctx.model
+    gate = getattr(ctx.config, "gate", "auto")
+
+    def repaired(target, blocks) -> tuple[float, float, float]:
+        began = time.perf_counter()
+        try:
+            fitted = fit_repair(target, blocks, repair_data, repair_ridge, ctx.batch_size, gate)
+        except BlockCBOError as err:
+            logger.warning("no repair for blocks %s: %s", list(blocks), err)
+            return math.nan, math.nan, time.perf_counter() - began
+        seconds = time.perf_counter() - began
+        with fitted.applied(target):
+            val = perplexity(target, validation, blocks, batch_size=ctx.batch_size, gate=gate)
+            test_ppl = perplexity(target, test, blocks, batch_size=ctx.batch_size, gate=gate)
+        return val, test_ppl, seconds
+
     mc_tasks = mc_tasks or {}
     rows = []
     spectra = {}
@@ -124,6 +169,32 @@ def run_comparison(
                 else:
                     chosen, note = scored[0], "ground state"
                 ground = scored[0]
+                if repair_data is not None:
+                    began = time.perf_counter()
+                    aware, _ = select_by_validation(
+                        model,
+                        candidates,
+                        validation,
+                        ctx.batch_size,
+                        progress=False,
+                        prepare=lambda c: fit_repair(
+                            model, c.blocks, repair_data, repair_ridge, ctx.batch_size, gate
+                        ).applied(model),
+                    )
+                    row = ComparisonRow(
+                        "cbo (repair-aware)",
+                        num_remove,
+                        list(aware.blocks),
+                        aware.energy,
+                        perplexity(model, validation, aware.blocks, batch_size=ctx.batch_size),
+                        perplexity(model, test, aware.blocks, batch_size=ctx.batch_size),
+                        time.perf_counter() - began,
+                        f"state {aware.rank} of {len(candidates)} (validation after repair)",
+                    )
+                    row.repaired_validation_ppl, row.repaired_test_ppl, row.repair_seconds = repaired(
+                        model, aware.blocks
+                    )
+                    rows.append(row)
                 rows.append(
                     ComparisonRow(
                         "cbo (ground state)",
@@ -141,6 +212,7 @@ def run_comparison(
             else:
                 chosen = candidates[0]
                 val = None
+            fixed = None
             if method == "swm":
                 merged = merged_copy(model, chosen)
                 val = perplexity(merged, validation, batch_size=ctx.batch_size)
@@ -148,6 +220,10 @@ def run_comparison(
                 accs = accuracy(merged)
                 note = f"window merged into block {chosen.blocks[0] - 1}"
                 del merged
+                if repair_data is not None:  # the merge happens before the cut: repair the merged model, gated
+                    merged_uncut = merged_copy(model, chosen, remove=False)
+                    fixed = repaired(merged_uncut, chosen.blocks)
+                    del merged_uncut
             else:
                 if val is None:
                     val = perplexity(model, validation, chosen.blocks, batch_size=ctx.batch_size)
@@ -157,6 +233,10 @@ def run_comparison(
             row = ComparisonRow(
                 method, num_remove, list(chosen.blocks), chosen.energy, val, test_ppl, seconds, note, accs
             )
+            if repair_data is not None:
+                if fixed is None:
+                    fixed = repaired(model, chosen.blocks)
+                row.repaired_validation_ppl, row.repaired_test_ppl, row.repair_seconds = fixed
             rows.append(row)
     return Comparison(rows, base_val, base_test, base_acc, spectra)
 

@@ -81,6 +81,17 @@ class BlockRemovalConfig:
         default=None, metadata={"help": "Take this state of the spectrum (0 = ground state) instead of selecting."}
     )
     blocks: list[int] | None = field(default=None, metadata={"help": "Explicit blocks to remove (skips the solver)."})
+    repair: bool = field(
+        default=False,
+        metadata={
+            "help": "Repair without training: fit a least-squares map per removed run of blocks and fold it into "
+            "the weights (README: Repair); selection then scores each candidate repaired."
+        },
+    )
+    repair_samples: int = field(default=64, metadata={"help": "repair: calibration samples the maps are fitted on."})
+    repair_ridge: float = field(
+        default=0.3, metadata={"help": "repair: ridge towards no repair, relative to the mean activation power."}
+    )
 
     def __post_init__(self) -> None:
         for name in ("num_samples", "seq_len", "batch_size", "top_k"):
@@ -124,6 +135,16 @@ class BlockRemovalConfig:
             raise BlockCBOError(f"param_budget is a percentage in [0, 100), got {self.param_budget!r}")
         if any(not isinstance(v, int) or v < 0 for v in self.per_kind.values()):
             raise BlockCBOError(f"per_kind counts must be non-negative integers, got {self.per_kind!r}")
+        if not isinstance(self.repair, bool):
+            raise BlockCBOError(f"repair must be true or false, got {self.repair!r}")
+        if (
+            not isinstance(self.repair_samples, int)
+            or isinstance(self.repair_samples, bool)
+            or self.repair_samples <= 0
+        ):
+            raise BlockCBOError(f"repair_samples must be a positive integer, got {self.repair_samples!r}")
+        if not isinstance(self.repair_ridge, (int, float)) or not self.repair_ridge >= 0:
+            raise BlockCBOError(f"repair_ridge must be a number >= 0, got {self.repair_ridge!r}")
         self.protected = sorted({int(p) for p in self.protected})
         if self.blocks is not None:
             self.blocks = sorted({int(b) for b in self.blocks})

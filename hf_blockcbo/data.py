@@ -271,3 +271,16 @@ def calibration_samples(tokenizer, config) -> CalibrationSet:
         packing=config.packing,
         seed=config.seed,
     )
+
+
+def repair_samples(tokenizer, config) -> CalibrationSet:
+    """The samples the repair maps of a `BlockRemovalConfig` are fitted on: its calibration data, `repair_samples`
+    windows of `seq_len` tokens, drawn with its seed."""
+    return build_calibration_set(
+        tokenizer,
+        config.data,
+        num_samples=config.repair_samples,
+        seq_len=config.seq_len,
+        packing=config.packing,
+        seed=config.seed,
+    )

@@ -4,7 +4,7 @@
 - :func:`multiple_choice_accuracy`: zero-shot accuracy by comparing the log-likelihood of each choice given the
   question, as lm-eval does (records `{"question", "choices", "answer"}` with letter `labels`, or BoolQ-style
   `{"question", "passage", "answer": "yes"|"no"}`).
-- :func:`lm_eval_tasks`: lm-eval-harness tasks when `lm_eval` is installed.
+- harness scores: :func:`hf_blockcbo.harness.evaluate_tasks` (lm-evaluation-harness, same prompts and tokenization).
 """
 
 from __future__ import annotations
@@ -73,20 +73,25 @@ def perplexity(
 
 # -- multiple choice ----------------------------------------------------------------------------------------------
 def read_multiple_choice(path: str | Path, limit: int | None = None) -> list[dict]:
-    """`{"context", "choices", "answer_index"}` items from a benchkit-style JSONL file."""
-    items = []
+    """`{"context", "choices", "answer_index"}` items from a benchkit-style or BoolQ JSONL file, with the same prompt
+    templates as the harness tasks :mod:`hf_blockcbo.harness` generates for that file."""
+    from .harness import TEMPLATES, file_kind
+
+    items, kind = [], None
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         if not line.strip():
             continue
         row = json.loads(line)
-        if "choices" in row:
+        kind = kind or file_kind(path, row)
+        if kind == "boolq":
+            context = TEMPLATES["boolq"].format(passage=row["passage"], question=row["question"])
+            items.append({"context": context, "choices": ["no", "yes"], "answer_index": int(row["answer"] == "yes")})
+        elif "choices" in row:
             labels = row.get("labels") or [chr(65 + i) for i in range(len(row["choices"]))]
             answer = row["answer"]
             index = labels.index(answer) if answer in labels else int(answer)
-            items.append({"context": row["question"], "choices": row["choices"], "answer_index": index})
-        elif "passage" in row:
-            context = f"{row['passage']}\nQuestion: {row['question']}?\nAnswer:"
-            items.append({"context": context, "choices": ["no", "yes"], "answer_index": int(row["answer"] == "yes")})
+            context = TEMPLATES[kind].format(question=row["question"])
+            items.append({"context": context, "choices": row["choices"], "answer_index": index})
         else:
             raise BlockCBOError(f"{path}: a record has neither 'choices' nor 'passage'; not a multiple-choice file")
         if limit and len(items) >= limit:
@@ -94,16 +99,26 @@ def read_multiple_choice(path: str | Path, limit: int | None = None) -> list[dic
     return items
 
 
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Context and continuation token ids split the way lm-evaluation-harness splits them: trailing spaces of the
+    context move to the continuation, the whole string is encoded once and the context's tokens are cut off."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer(context + continuation)["input_ids"]
+    context_ids = tokenizer(context)["input_ids"]
+    return context_ids, whole[len(context_ids) :]
+
+
 @torch.no_grad()
 def _choice_logprob(model, tokenizer, context: str, choice: str, max_len: int) -> float:
-    context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
-    choice_ids = tokenizer(" " + choice, add_special_tokens=False)["input_ids"]
-    ids = (context_ids + choice_ids)[-max_len:]
+    context_ids, choice_ids = encode_pair(tokenizer, context, " " + choice)
+    ids = (context_ids + choice_ids)[-(max_len + 1) :]
     n_choice = min(len(choice_ids), len(ids) - 1)
-    tensor = torch.tensor([ids], device=_device(model))
-    logits = model(input_ids=tensor, use_cache=False).logits[0, :-1].float()
+    tensor = torch.tensor([ids[:-1]], device=_device(model))
+    logits = model(input_ids=tensor, use_cache=False).logits[0].float()
     logprobs = torch.log_softmax(logits, dim=-1)
-    targets = tensor[0, 1:]
+    targets = torch.tensor(ids[1:], device=logits.device)
     picked = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1)
     return float(picked[-n_choice:].sum())
 
@@ -128,13 +143,3 @@ def multiple_choice_accuracy(
             scores = [_choice_logprob(model, tokenizer, item["context"], c, max_len) for c in item["choices"]]
             correct += int(max(range(len(scores)), key=scores.__getitem__) == item["answer_index"])
     return correct / len(items)
-
-
-def lm_eval_tasks(model_dir: str, tasks: list[str], limit: int | None = None) -> dict:
-    """lm-eval-harness results for a saved model folder; a clear error when lm_eval is not installed."""
-    try:
-        import lm_eval
-    except ImportError as err:
-        raise BlockCBOError("lm-eval tasks need lm_eval: pip install lm-eval (skipped otherwise)") from err
-    results = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_dir}", tasks=tasks, limit=limit)
-    return results["results"]

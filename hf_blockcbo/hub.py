@@ -49,6 +49,30 @@ def _evaluations(provenance: dict) -> list[dict]:
     for name, value in (provenance.get("evaluations") or {}).items():
         dataset, _, metric = name.partition("/")
         rows.append({"name": metric or "value", "dataset": dataset, "value": float(value)})
+    harness = provenance.get("evaluation") or {}
+    for task, scores in (harness.get("tasks") or {}).items():  # `hf-blockcbo eval --record`
+        for metric in ("acc", "acc_norm"):
+            if scores.get(metric) is not None:
+                rows.append({"name": f"{metric} (lm-eval)", "dataset": task, "value": float(scores[metric])})
+    return rows
+
+
+def _speed_rows(provenance: dict) -> list[dict]:
+    """The `hf-blockcbo bench --record` report as card rows (original first)."""
+    speed = provenance.get("speed") or {}
+    rows = []
+    for name, row in (speed.get("models") or {}).items():
+        rows.append(
+            {
+                "name": name,
+                "layers": row["layers"],
+                "prefill": row["prefill_tokens_per_s"]["median"],
+                "decode": row["decode_tokens_per_s"]["median"],
+                "speedup": row["decode_tokens_per_s_ratio"],
+                "kv_mb": row["kv_cache_bytes"] / 2**20,
+                "weights_mb": row["weights_bytes"] / 2**20,
+            }
+        )
     return rows
 
 
@@ -110,6 +134,9 @@ def model_card(model_dir: str | os.PathLike, repo_id: str, license: str | None =
         calibration=calibration,
         solver=provenance.get("solver"),
         config_json=json.dumps(provenance.get("config", {}), indent=2, sort_keys=True),
+        repair=provenance.get("repair"),
+        speed=provenance.get("speed"),
+        speed_rows=_speed_rows(provenance),
     )
 
 

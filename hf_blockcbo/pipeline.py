@@ -17,7 +17,7 @@ from torch import nn
 
 from .architectures import count_parameters, describe_blocks, get_architecture, get_layers
 from .config import BlockRemovalConfig
-from .data import CalibrationSet, build_calibration_set, calibration_samples
+from .data import CalibrationSet, build_calibration_set, calibration_samples, repair_samples
 from .errors import BlockCBOError
 from .gates import resolve_gate_kind
 from .hessian import HessianArtifact
@@ -213,6 +213,10 @@ def choose_blocks(
     from .scorers import ScoringContext, score
     from .selection import select_by_validation
 
+    if config.repair:  # refuse a family that cannot fold before any expensive work
+        from .repair import check_repairable
+
+        check_repairable(model, config.blocks or [])
     explicit = _explicit_selection(config, candidates_file)
     if explicit is not None:
         return explicit, artifact
@@ -244,8 +248,13 @@ def choose_blocks(
         chosen, how = candidates[0], "ground state (energy)"
     else:
         validation = validation_samples(tokenizer, config)
-        chosen, candidates = select_by_validation(model, candidates, validation, config.batch_size, progress=progress)
+        prepare = repaired_candidate(model, tokenizer, config) if config.repair else None
+        chosen, candidates = select_by_validation(
+            model, candidates, validation, config.batch_size, gate=config.gate, progress=progress, prepare=prepare
+        )
         how = f"validation perplexity over the {len(candidates)} lowest states ({validation.source})"
+        if config.repair:
+            how += ", each scored after its repair"
         unpruned = perplexity(model, validation, batch_size=config.batch_size)
     selection = Selection(
         list(chosen.blocks),
@@ -264,6 +273,31 @@ def choose_blocks(
     return selection, artifact
 
 
+def repaired_candidate(model: nn.Module, tokenizer, config: BlockRemovalConfig):
+    """For repair-aware selection: ``candidate -> context`` in which the gated model carries that candidate's repair."""
+    from .repair import fit_repair
+
+    data = repair_samples(tokenizer, config)
+
+    def prepare(candidate):
+        repair = fit_repair(model, candidate.blocks, data, config.repair_ridge, config.batch_size, config.gate)
+        return repair.applied(model)
+
+    return prepare
+
+
+def repair_model(model: nn.Module, tokenizer, config: BlockRemovalConfig, blocks, progress: bool = False) -> dict:
+    """Fit the repair of removing ``blocks`` and fold it into ``model``'s weights (blocks not yet removed); the
+    record that goes into the provenance."""
+    from .repair import fit_repair
+
+    repair = fit_repair(
+        model, blocks, repair_samples(tokenizer, config), config.repair_ridge, config.batch_size, config.gate, progress
+    )
+    repair.fold_into(model)
+    return repair.to_dict()
+
+
 def prune_and_save(
     model: nn.Module,
     tokenizer,
@@ -273,14 +307,23 @@ def prune_and_save(
     config: BlockRemovalConfig,
     artifact: HessianArtifact | None = None,
     overwrite: bool = False,
+    progress: bool = False,
 ) -> dict:
-    """Remove ``selection.blocks`` from ``model``, save the plain checkpoint with its provenance; return the summary."""
+    """Remove ``selection.blocks`` from ``model`` (repaired first when ``config.repair``), save the plain checkpoint
+    with its provenance; return the summary."""
+    from .removal import check_removal
     from .scorers import merge_window
 
     num_blocks_before = len(describe_blocks(model))
     params_before = count_parameters(model)
+    check_removal(model, selection.blocks)  # refusals first: nothing below may leave the model half changed
+    if config.repair:
+        from .repair import check_repairable
+
+        check_repairable(model, selection.blocks)
     if selection.merge_into is not None:
         merge_window(model, selection.merge_into, selection.blocks)
+    repair = repair_model(model, tokenizer, config, selection.blocks, progress) if config.repair else None
     remove_blocks(model, selection.blocks)
     summary = Provenance(
         removed_blocks=list(selection.blocks),
@@ -304,6 +347,7 @@ def prune_and_save(
         merged_into=selection.merge_into,
         config=config.to_dict(),
         calibration=dict(artifact.metadata) if artifact is not None else {},
+        repair=repair,
     ).to_dict()
     save_pruned(model, tokenizer, output_dir, summary, overwrite=overwrite)
     return summary

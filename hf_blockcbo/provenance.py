@@ -27,6 +27,8 @@ class Provenance:
         validation_perplexity, validation_data, validation_perplexity_unpruned: the selection's evidence.
         merged_into (`int`, *optional*): sliding-window merging's target block.
         config (`dict`): the `BlockRemovalConfig`; calibration (`dict`): the artifact's metadata.
+        repair (`dict`, *optional*): the training-free repair folded into the weights (kind, ridge, tokens, each
+            run's fit error before/after), `None` when not repaired.
         extra (`dict`): later additions (healing, evaluations, ...), kept at the top level of the JSON.
     """
 
@@ -51,6 +53,7 @@ class Provenance:
     merged_into: int | None = None
     config: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)
+    repair: dict | None = None
     package: str = "hf_blockcbo"
     package_version: str = ""
     extra: dict = field(default_factory=dict)

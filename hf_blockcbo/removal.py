@@ -67,6 +67,15 @@ def _rewrite_config_copy(config, spec: ArchitectureSpec, num_old: int, keep: lis
         spec.rewrite_config(config, keep)
 
 
+def check_removal(model: nn.Module, blocks: Sequence[int], spec: ArchitectureSpec | None = None) -> None:
+    """Raise the error :func:`remove_blocks` would raise, without touching ``model``."""
+    spec = spec or get_architecture(model)
+    num_old = len(get_layers(model, spec))
+    removed = _check_blocks(blocks, num_old)
+    keep = [i for i in range(num_old) if i not in set(removed)]
+    _rewrite_config_copy(copy.deepcopy(model.config), spec, num_old, keep)
+
+
 def remove_blocks(model: nn.Module, blocks: Sequence[int], spec: ArchitectureSpec | None = None) -> nn.Module:
     """Delete ``blocks`` (0-based) from ``model`` in place and return it."""
     spec = spec or get_architecture(model)

@@ -267,10 +267,10 @@ def merge_window(model: nn.Module, target: int, merged: list[int]) -> None:
         param.add_(delta)
 
 
-def merged_copy(model: nn.Module, candidate: Candidate) -> nn.Module:
-    """A copy of ``model`` with the sliding-window merge of ``candidate`` applied and its blocks removed."""
+def merged_copy(model: nn.Module, candidate: Candidate, remove: bool = True) -> nn.Module:
+    """A copy of ``model`` with the sliding-window merge of ``candidate`` applied and (``remove``) its blocks removed."""
     from .removal import remove_blocks
 
     clone = copy.deepcopy(model)
     merge_window(clone, swm_merge_target(candidate), list(candidate.blocks))
-    return remove_blocks(clone, candidate.blocks)
+    return remove_blocks(clone, candidate.blocks) if remove else clone

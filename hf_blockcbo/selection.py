@@ -7,6 +7,10 @@ calibration set, with no copy of the model per candidate (gates switch the block
 
 from __future__ import annotations
 
+import contextlib
+import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import replace
 
 from torch import nn
@@ -28,15 +32,31 @@ def select_by_validation(
     batch_size: int = 8,
     gate: str = "auto",
     progress: bool = True,
+    prepare: Callable[[Candidate], AbstractContextManager] | None = None,
 ) -> tuple[Candidate, list[Candidate]]:
-    """(best candidate, every candidate with ``score`` = its validation perplexity); ties go to the lower rank."""
+    """(best candidate, every candidate with ``score`` = its validation perplexity); ties go to the lower rank.
+
+    ``prepare(candidate)``, when given, returns a context entered while that candidate is scored (repair-aware
+    selection fits the candidate's repair maps and hooks them); a candidate it refuses (`BlockCBOError`) scores
+    infinity.
+    """
     if not candidates:
         raise BlockCBOError("no candidate to select from")
-    scored = [
-        replace(c, score=perplexity(model, validation, c.blocks, batch_size=batch_size, gate=gate))
-        for c in tqdm(candidates, desc="validating candidates", disable=not progress)
-    ]
+    scored = []
+    for c in tqdm(candidates, desc="validating candidates", disable=not progress):
+        try:
+            context = prepare(c) if prepare is not None else contextlib.nullcontext()
+        except BlockCBOError:
+            scored.append(replace(c, score=math.inf))
+            continue
+        with context:
+            scored.append(replace(c, score=perplexity(model, validation, c.blocks, batch_size=batch_size, gate=gate)))
     best = min(scored, key=lambda c: (c.score, c.rank))
+    if not math.isfinite(best.score):
+        raise BlockCBOError(
+            "no candidate could be scored: every one was refused (e.g. repair cannot fold into tied embeddings); "
+            "protect block 0 (`protected`) or do without the repair (`repair=false`)"
+        )
     return best, scored
 
 

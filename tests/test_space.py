@@ -80,9 +80,11 @@ def test_every_endpoint_through_gradio_client(app_url, tmp_path):
     assert [r[0] for r in baseline_rows] == ["bi", "angular"]
     status = client.predict(model, "embedded sample", "", None, 8, api_name="/hessian")
     assert "Hessian from 8 samples" in status
-    out = client.predict(model, 2, 5, 1, "Hello there", api_name="/generate")
+    out = client.predict(model, 2, 5, 1, "Hello there", True, api_name="/generate")
     assert len(out) == 5 and "Removed blocks" in out[4] and out[1].endswith("tok/s")
-    archive = client.predict(model, 2, 5, 1, api_name="/download")
+    assert "repaired without training" in out[4] and "measured on the physically pruned copy" in out[4]
+    assert out[3].endswith("×)")
+    archive = client.predict(model, 2, 5, 1, False, api_name="/download")
     assert Path(archive).suffix == ".zip" and Path(archive).stat().st_size > 1000
 
 

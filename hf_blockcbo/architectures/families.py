@@ -91,7 +91,9 @@ register_architecture(
         model_types=("gemma2", "gemma3", "gemma3_text"),
         layers_path="model.layers",
         branches=("post_attention_layernorm", "post_feedforward_layernorm"),
-        notes="branches end in post-norms: the gates scale the post-norm outputs; sliding/full layer_types sliced",
+        repair="diagonal",
+        norm_weight_offset=1.0,
+        notes="branches end in post-norms: the gates scale the post-norm outputs, a repair map is a diagonal scale folded into the post-norm; sliding/full layer_types sliced",
     )
 )
 

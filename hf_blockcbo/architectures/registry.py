@@ -39,6 +39,10 @@ class ArchitectureSpec:
         block_kind (`Callable`): `(config, index, block) -> str`, the kind of a block (attention, moe, mamba, ...).
         rewrite_config (`Callable`, *optional*): extra config rewrite `(config, kept_indices)` run on removal, after
             the per-layer fields are sliced (e.g. MoE placement rules keyed on the layer index).
+        repair (`str`, *optional*, defaults to `"linear"`): how a training-free repair map folds into the last
+            branch before a gap: `linear` (a d×d map into the branch's output projection / experts), `diagonal` (a
+            scale into a post-norm's weight, for branches ending in a norm) or `none` (repair refused).
+        norm_weight_offset (`float`, *optional*, defaults to 0): the norm computes `x̂·(offset + weight)` (Gemma: 1).
     """
 
     name: str
@@ -48,6 +52,8 @@ class ArchitectureSpec:
     per_layer_fields: tuple[str, ...] = ("layer_types",)
     block_kind: BlockKindFn = _attention_kind
     rewrite_config: ConfigRewriteFn | None = None
+    repair: str = "linear"
+    norm_weight_offset: float = 0.0
     notes: str = ""
 
     @property
@@ -56,7 +62,9 @@ class ArchitectureSpec:
 
 
 _REGISTRY: dict[str, ArchitectureSpec] = {}
-GENERIC = ArchitectureSpec(name="generic", model_types=(), notes="decoder stack found by shape; layer gate only")
+GENERIC = ArchitectureSpec(
+    name="generic", model_types=(), repair="none", notes="decoder stack found by shape; layer gate only"
+)
 
 
 def register_architecture(spec: ArchitectureSpec) -> ArchitectureSpec:
@@ -181,16 +189,18 @@ def support_table(tested: set[str] | list[str] = ()) -> str:
         "_attention_kind": "attention",
     }
     rows = [
-        "| family | model types | gate (branches) | block kinds | tested | notes |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| family | model types | gate (branches) | block kinds | repair map | tested | notes |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for spec in registered_architectures():
         covered = sorted(set(spec.model_types) & set(tested))
         gate = f"branch ({', '.join(spec.branches)})" if spec.branches else "layer"
         kind = kinds.get(spec.block_kind.__name__, spec.block_kind.__name__)
         rows.append(
-            f"| {spec.name} | {', '.join(spec.model_types)} | {gate} | {kind} | "
+            f"| {spec.name} | {', '.join(spec.model_types)} | {gate} | {kind} | {spec.repair} | "
             f"{', '.join(covered) if covered else 'no'} | {spec.notes} |"
         )
-    rows.append(f"| {GENERIC.name} | any other | layer | attention | yes (llama as unknown type) | {GENERIC.notes} |")
+    rows.append(
+        f"| {GENERIC.name} | any other | layer | attention | none | yes (llama as unknown type) | {GENERIC.notes} |"
+    )
     return "\n".join(rows)

@@ -66,6 +66,7 @@ GROUPS = {
     "solver": ("num_remove", "top_k", "solver", "protected", "per_kind", "param_budget", "beta", "seed", "time_limit"),
     "selection": ("select", "validation_data", "validation_samples"),
     "choice": ("scorer", "rank", "blocks"),
+    "repair": ("repair", "repair_samples", "repair_ridge"),
 }
 _CHOICES = {
     "dtype": ("auto", "float32", "bfloat16", "float16"),
@@ -130,13 +131,21 @@ def add_config_flags(
             from ..curvature import available_curvatures
 
             choices = tuple(available_curvatures())
+        help_text = f.metadata.get("help", "").replace("%", "%%") + shown
+        if str(f.type) == "bool":
+            from argparse import BooleanOptionalAction
+
+            section.add_argument(
+                flag_name(name), dest=name, action=BooleanOptionalAction, default=None, help=help_text
+            )
+            continue
         section.add_argument(
             flag_name(name),
             dest=name,
             type=_converter(name, str(f.type)),
             choices=choices,
             required=name in required,
-            help=f.metadata.get("help", "").replace("%", "%%") + shown,
+            help=help_text,
         )
 
 
@@ -147,12 +156,14 @@ def to_flags(message: str) -> str:
 
     from ..config import BlockRemovalConfig
 
-    fields = {f.name for f in dataclasses.fields(BlockRemovalConfig)}
+    fields = {f.name: str(f.type) for f in dataclasses.fields(BlockRemovalConfig)}
 
     def flag(match: re.Match) -> str:
         name, value = match.group(1), match.group(2)
         if name not in fields:
             return match.group(0)
+        if fields[name] == "bool" and value is not None:  # --repair / --no-repair
+            return flag_name(name) if value.lower() == "true" else "--no-" + name.replace("_", "-")
         return flag_name(name) + (f" {value}" if value is not None else "")
 
     return re.sub(r"`([a-z_]+)(?:=([^`]*))?`", flag, message)

@@ -1,4 +1,4 @@
-"""`hf-blockcbo` entry point: `hf-blockcbo {calibrate,solve,prune} ...` (also `python -m hf_blockcbo.commands.cli`)."""
+"""`hf-blockcbo` entry point: `hf-blockcbo {calibrate,solve,prune,compare,eval,bench,...} ...` (also `python -m hf_blockcbo.commands.cli`)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from .base import BaseCommand
 from .calibrate import CalibrateCommand
 from .compare import CompareCommand
 from .diagnose import DiagnoseCommand
+from .evaluate import BenchCommand, EvalCommand
 from .heal import HealCommand
 from .prune import PruneCommand
 from .push import PushCommand
@@ -21,6 +22,8 @@ COMMANDS: list[type[BaseCommand]] = [
     PruneCommand,
     CompareCommand,
     DiagnoseCommand,
+    EvalCommand,
+    BenchCommand,
     HealCommand,
     PushCommand,
 ]

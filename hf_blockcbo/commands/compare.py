@@ -21,6 +21,7 @@ class CompareCommand(BaseCommand):
         parser.add_argument("--hessian", help="reuse this artifact for CBO instead of calibrating")
         add_config_flags(parser, "solver", exclude=("num_remove",))
         add_config_flags(parser, "selection", exclude=("validation_samples",))
+        add_config_flags(parser, "repair")
         parser.add_argument("--test-data", help="test data (default: embedded test split)")
         parser.add_argument("--eval-samples", type=int, default=32, help="validation and test samples (default 32)")
         parser.add_argument("--sleb-samples", type=int, default=8, help="samples for SLEB's greedy loss (default 8)")
@@ -81,8 +82,25 @@ class CompareCommand(BaseCommand):
             Path(path).stem: read_multiple_choice(path, limit=args.mc_limit)
             for path in (args.mc.split(",") if args.mc else [])
         }
+        repair_data = None
+        if config.repair:
+            from ..data import repair_samples
+            from ..repair import check_repairable
+
+            check_repairable(model, [])
+            repair_data = repair_samples(tokenizer, config)
         comparison = run_comparison(
-            ctx, methods, removes, validation, test, config.select, progress, tokenizer=tokenizer, mc_tasks=mc_tasks
+            ctx,
+            methods,
+            removes,
+            validation,
+            test,
+            config.select,
+            progress,
+            tokenizer=tokenizer,
+            mc_tasks=mc_tasks,
+            repair_data=repair_data,
+            repair_ridge=config.repair_ridge,
         )
         written = write_comparison(comparison, args.output_dir, len(describe_blocks(model)))
         print(comparison.markdown())

@@ -26,6 +26,7 @@ class PruneCommand(BaseCommand):
         add_solver_args(parser, remove_required=False)
         add_selection_args(parser)
         add_config_flags(parser, "choice")
+        add_config_flags(parser, "repair")
         pick = parser.add_argument_group("artifacts")
         pick.add_argument("--hessian", help="reuse this artifact instead of calibrating")
         pick.add_argument("--save-hessian", help="also write the computed artifact here")
@@ -66,7 +67,17 @@ class PruneCommand(BaseCommand):
         if args.save_hessian and artifact is not None:
             artifact.save(args.save_hessian)
         target = f"{args.output}.pruned" if args.heal else args.output
-        summary = prune_and_save(model, tokenizer, selection, target, source, config, artifact, args.overwrite)
+        summary = prune_and_save(
+            model,
+            tokenizer,
+            selection,
+            target,
+            source,
+            config,
+            artifact,
+            args.overwrite,
+            progress=not args.no_progress,
+        )
         before, after = summary["num_parameters_before"], summary["num_parameters_after"]
         energy = "" if selection.energy is None else f", energy {selection.energy:.6g}"
         rank = "" if selection.rank is None else f" (state {selection.rank})"
@@ -76,6 +87,13 @@ class PruneCommand(BaseCommand):
             f"{summary['num_blocks_before']} → {summary['num_blocks_after']} blocks, {before / 1e6:.1f}M → "
             f"{after / 1e6:.1f}M parameters ({100 * (1 - after / before):.1f}% fewer). Saved to {args.output}"
         )
+        if summary.get("repair"):
+            runs = summary["repair"]["runs"]
+            fits = ", ".join(f"{r['fit_error_before']:.3g} → {r['fit_error_after']:.3g}" for r in runs)
+            print(
+                f"Repaired {len(runs)} removed run(s) without training ({summary['repair']['kind']} maps folded into "
+                f"the weights, {summary['repair']['seconds']:.1f} s); relative stream error after each gap: {fits}"
+            )
         if args.heal:
             import shutil
 

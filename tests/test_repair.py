@@ -1,0 +1,238 @@
+"""Training-free repair: least-squares maps per removed run, folded into the weights of every registered family."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from hf_blockcbo.architectures import get_layers
+from hf_blockcbo.commands.cli import main
+from hf_blockcbo.config import BlockRemovalConfig
+from hf_blockcbo.data import CalibrationSet
+from hf_blockcbo.errors import BlockCBOError
+from hf_blockcbo.evaluation import perplexity
+from hf_blockcbo.gates import BlockGates
+from hf_blockcbo.removal import remove_blocks, save_pruned
+from hf_blockcbo.repair import fit_repair, removed_runs
+
+from .conftest import make_model, run_plain_transformers, tiny_gemma3_config, tiny_llama_config
+from .test_architectures import FAMILIES, PROMPT, _config
+
+
+REMOVED = [1, 3, 4]  # two runs: [1] and [3, 4]
+
+
+def _random_calibration(num: int = 8, length: int = 24, seed: int = 0) -> CalibrationSet:
+    ids = torch.randint(3, 256, (num, length), generator=torch.Generator().manual_seed(seed))
+    return CalibrationSet(ids, torch.ones_like(ids), "random")
+
+
+def test_runs_of_consecutive_blocks():
+    assert removed_runs([4, 1, 3, 9, 8, 10]) == [(1, 2), (3, 5), (8, 11)]
+    assert removed_runs([]) == []
+
+
+RELOAD_ALL = """
+import json, torch
+from transformers import AutoModelForCausalLM
+out = {{}}
+for name, path in {paths!r}.items():
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = torch.tensor({prompt!r})
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    tokens = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+    out[name] = {{"logits": logits.flatten().tolist(), "tokens": tokens[0].tolist(),
+                 "layers": model.config.num_hidden_layers}}
+print(json.dumps(out))
+"""
+
+
+def test_every_family_folds_its_repair_and_reloads_in_plain_transformers(tmp_path):
+    """Hooked repair (gates + maps) == folded weights in memory == the saved folder in a fresh plain process."""
+    calibration = _random_calibration()
+    ids = torch.tensor(PROMPT)
+    expected, paths = {}, {}
+    for family in FAMILIES:
+        model = make_model(_config(family))
+        repair = fit_repair(model, REMOVED, calibration, ridge=1e-3)
+        assert [(m.start, m.stop) for m in repair.maps] == [(1, 2), (3, 5)]
+        assert repair.kind == ("diagonal" if family.startswith("gemma") else "linear")
+        assert all(m.error_after <= m.error_before + 1e-9 for m in repair.maps), family
+        with BlockGates(model) as gates, torch.no_grad():
+            gates.set_removed(REMOVED)
+            unrepaired = model(input_ids=ids).logits
+            with repair.applied(model):
+                hooked = model(input_ids=ids).logits
+                tokens = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+        assert not torch.allclose(hooked, unrepaired, atol=1e-4), f"{family}: the repair must change the model"
+        repair.fold_into(model)
+        remove_blocks(model, REMOVED)
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids).logits, hooked, rtol=1e-4, atol=1e-4)
+        paths[family] = str(save_pruned(model, None, tmp_path / family, {"removed_blocks": REMOVED}))
+        expected[family] = (hooked, tokens[0].tolist())
+    result = run_plain_transformers(RELOAD_ALL.format(paths=paths, prompt=PROMPT), timeout=600)
+    for family, (hooked, tokens) in expected.items():
+        got = result[family]
+        assert got["layers"] == 6 - len(REMOVED)
+        torch.testing.assert_close(torch.tensor(got["logits"]).view_as(hooked), hooked, rtol=1e-4, atol=1e-4)
+        assert got["tokens"] == tokens, f"{family}: greedy generate with KV cache differs"
+
+
+def _linear_first_block_model():
+    """Block 0 computes h + h·A exactly (attention output zeroed, norm bypassed, MLP a linear map)."""
+    model = make_model(tiny_llama_config())
+    block = get_layers(model)[0]
+    with torch.no_grad():
+        block.self_attn.o_proj.weight.zero_()
+    block.post_attention_layernorm = nn.Identity()
+    block.mlp = nn.Linear(32, 32, bias=False)
+    with torch.no_grad():
+        block.mlp.weight.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def test_a_block_whose_branch_is_linear_is_repaired_exactly():
+    model = _linear_first_block_model()
+    calibration = _random_calibration(num=16, length=32)
+    repair = fit_repair(model, [0], calibration, ridge=0.0)
+    (only,) = repair.maps
+    assert only.source == -1 and only.error_before > 0.1 and only.error_after < 1e-10
+    expected = torch.eye(32, dtype=torch.float64) + model.model.layers[0].mlp.weight.double().t()
+    torch.testing.assert_close(only.matrix, expected, rtol=1e-6, atol=1e-6)
+    ids = torch.tensor(PROMPT)
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+        with BlockGates(model) as gates, repair.applied(model):
+            gates.set_removed([0])
+            torch.testing.assert_close(model(input_ids=ids).logits, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_fit_is_deterministic_and_leaves_the_model_unchanged():
+    model = make_model(tiny_llama_config())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calibration = _random_calibration()
+    first = fit_repair(model, REMOVED, calibration)
+    second = fit_repair(model, REMOVED, calibration)
+    for a, b in zip(first.maps, second.maps, strict=True):
+        assert torch.equal(a.matrix, b.matrix) and a.error_after == b.error_after
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not model._forward_hooks and not get_layers(model)[0].mlp._forward_hooks
+
+
+def test_the_ridge_shrinks_towards_no_repair():
+    model = make_model(tiny_llama_config())
+    huge = fit_repair(model, [2], _random_calibration(), ridge=1e9)
+    torch.testing.assert_close(huge.maps[0].matrix, torch.eye(32, dtype=torch.float64), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("few tokens", "needs at least 32 calibration tokens"),
+        ("nan", "not finite"),
+        ("generic family", "cannot be folded"),
+        ("tied embeddings", "tied to the LM head"),
+        ("negative ridge", "repair_ridge must be >= 0"),
+    ],
+)
+def test_bad_input_is_one_clear_error_and_changes_nothing(case, message):
+    model = make_model(tiny_llama_config())
+    removed, calibration, ridge = [2, 3], _random_calibration(), 1e-3
+    if case == "few tokens":
+        calibration = _random_calibration(num=1, length=16)
+    elif case == "nan":
+        with torch.no_grad():
+            get_layers(model)[1].mlp.down_proj.weight[0, 0] = float("nan")
+    elif case == "generic family":
+        model.config.model_type = "my_new_llama"
+    elif case == "tied embeddings":
+        model = make_model(tiny_gemma3_config())
+        removed = [0, 1]
+    else:
+        ridge = -1.0
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(BlockCBOError, match=message):
+        fit_repair(model, removed, calibration, ridge=ridge)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) or before[k].isnan().any() for k in before)
+
+
+def test_prune_repair_records_the_repair_and_saves_the_hooked_model(tiny_model_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from hf_blockcbo.data import repair_samples
+    from hf_blockcbo.models import load_model, resolve_model
+
+    out = tmp_path / "pruned"
+    args = ["prune", "--model", str(tiny_model_dir), "--blocks", "2,3", "--repair", "--repair-samples", "4"]
+    assert main([*args, "--seq-len", "24", "--no-progress", "--output", str(out)]) == 0
+    assert "Repaired 1 removed run(s)" in capsys.readouterr().out
+    record = json.loads((out / "block_removal.json").read_text())
+    assert record["repair"]["kind"] == "linear" and record["repair"]["tokens"] == 96
+    (run,) = record["repair"]["runs"]
+    assert run["removed"] == [2, 3] and run["mapped_into"] == "block 1"
+    assert run["fit_error_after"] < run["fit_error_before"]
+    assert record["config"]["repair"] is True
+
+    model, tokenizer = load_model(resolve_model(str(tiny_model_dir), None))
+    config = BlockRemovalConfig(blocks=[2, 3], repair=True, repair_samples=4, seq_len=24)
+    repair = fit_repair(model, [2, 3], repair_samples(tokenizer, config), config.repair_ridge)
+    ids = torch.tensor(PROMPT)
+    with torch.no_grad(), BlockGates(model) as gates, repair.applied(model):
+        gates.set_removed([2, 3])
+        hooked = model(input_ids=ids).logits
+    saved = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(saved(input_ids=ids).logits, hooked, rtol=1e-4, atol=1e-4)
+
+
+def test_prune_refuses_an_unfoldable_repair_before_writing(tmp_path, capsys):
+    from hf_blockcbo.removal import save_pruned as save
+
+    model = make_model(tiny_gemma3_config())
+    source = tmp_path / "gemma"
+    save(model, None, source, {})
+    from .conftest import make_tokenizer
+
+    make_tokenizer().save_pretrained(source)
+    capsys.readouterr()
+    out = tmp_path / "out"
+    code = main(["prune", "--model", str(source), "--blocks", "0,1", "--repair", "--output", str(out)])
+    err = capsys.readouterr().err
+    assert code != 0 and "tied to the LM head" in err and "--protect" in err and "--no-repair" in err
+    assert [line for line in err.splitlines() if "error:" in line] == [err.strip().splitlines()[-1]]
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+def test_repair_aware_selection_scores_candidates_after_repair(tiny_model_dir):
+    from hf_blockcbo.data import repair_samples
+    from hf_blockcbo.models import load_model, resolve_model
+    from hf_blockcbo.pipeline import choose_blocks, validation_samples
+
+    source = resolve_model(str(tiny_model_dir), None)
+    model, tokenizer = load_model(source)
+    config = BlockRemovalConfig(
+        num_remove=2, num_samples=4, measured_samples=4, seq_len=24, top_k=3, validation_samples=4, repair=True
+    )
+    config.repair_samples = 4
+    selection, _ = choose_blocks(model, tokenizer, config, source, progress=False)
+    assert "after its repair" in selection.how
+    validation = validation_samples(tokenizer, config)
+    data = repair_samples(tokenizer, config)
+    for state in selection.spectrum:
+        repair = fit_repair(model, state["blocks"], data, config.repair_ridge, config.batch_size)
+        with repair.applied(model):
+            assert perplexity(model, validation, state["blocks"]) == pytest.approx(state["score"], rel=1e-6)
+    assert selection.validation_ppl == min(s["score"] for s in selection.spectrum)
+
+
+def test_config_validates_repair_fields():
+    with pytest.raises(BlockCBOError, match="repair must be true or false"):
+        BlockRemovalConfig(repair="yes")
+    with pytest.raises(BlockCBOError, match="repair_samples must be a positive integer"):
+        BlockRemovalConfig(repair_samples=0)
+    assert BlockRemovalConfig.from_dict(BlockRemovalConfig(repair=True).to_dict()).repair is True

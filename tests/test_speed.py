@@ -1,0 +1,80 @@
+"""Measured speed and memory of physically pruned models (ratios measured side by side, never absolute times)."""
+
+import json
+
+import pytest
+import torch
+
+from hf_blockcbo.commands.cli import main
+from hf_blockcbo.errors import BlockCBOError
+from hf_blockcbo.removal import remove_blocks
+from hf_blockcbo.speed import benchmark, cache_bytes, measure_once
+
+from .conftest import make_model, tiny_llama_config
+
+
+def _pair():
+    config = tiny_llama_config(num_hidden_layers=12)
+    original = make_model(config)
+    pruned = remove_blocks(make_model(config), list(range(3, 12)))
+    return original, pruned
+
+
+def test_a_pruned_model_decodes_faster_and_keeps_a_smaller_cache():
+    original, pruned = _pair()
+    report = benchmark({"original": original, "pruned": pruned}, prompt_len=8, new_tokens=24, repeats=3)
+    assert report.models["pruned"].layers == 3 and report.models["original"].layers == 12
+    # decode-bound and tiny: time is per-layer overhead, so 3 of 12 layers must be clearly faster
+    assert report.ratio("decode_tokens_per_s", "pruned", "original") > 1.5
+    assert report.kv_cache_bytes("original") == 4 * report.kv_cache_bytes("pruned")
+    assert report.models["pruned"].weights_bytes < report.models["original"].weights_bytes
+    data = report.to_dict()
+    assert data["models"]["original"]["decode_tokens_per_s_ratio"] == 1.0
+    low, high = report.spread("pruned", "decode_tokens_per_s")
+    assert low <= report.median("pruned", "decode_tokens_per_s") <= high
+    assert "ideal N/(N−M)" in report.markdown() and "4.000×" in report.markdown()
+
+
+def test_cache_size_is_the_kv_tensors():
+    model = make_model(tiny_llama_config())
+    prompt = torch.randint(3, 256, (2, 10))
+    result = measure_once(model, prompt, new_tokens=5)
+    # 6 layers × (K + V) × batch 2 × 2 KV heads × 15 positions × head_dim 8 × 4 bytes (the last step is not cached)
+    assert result.kv_cache_bytes == 6 * 2 * 2 * 2 * 15 * 8 * 4
+    out = model(input_ids=prompt, use_cache=True)
+    assert cache_bytes(out.past_key_values) == 6 * 2 * 2 * 2 * 10 * 8 * 4
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(prompt_len=0), "prompt_len must be a positive integer"),
+        (dict(repeats=0), "repeats must be >= 1"),
+    ],
+)
+def test_bad_settings_are_refused(kwargs, message):
+    with pytest.raises(BlockCBOError, match=message):
+        benchmark({"m": make_model(tiny_llama_config())}, **kwargs)
+
+
+def test_bench_command_compares_with_the_original_named_in_the_provenance(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(tiny_model_dir), "--blocks", "1,2,3", "--output", str(out)]) == 0
+    capsys.readouterr()
+    args = ["bench", "--model", str(out), "--prompt-len", "8", "--new-tokens", "8", "--repeats", "2", "--record"]
+    assert main([*args, "--no-progress", "--output", str(tmp_path / "speed.json")]) == 0
+    text = capsys.readouterr().out
+    assert "| original | 6 |" in text and "| pruned | 3 |" in text
+    report = json.loads((tmp_path / "speed.json").read_text())
+    assert report["models"]["pruned"]["layers"] == 3
+    record = json.loads((out / "block_removal.json").read_text())
+    assert record["speed"]["models"]["original"]["layers"] == 6
+
+    from hf_blockcbo.hub import model_card
+
+    assert "Measured speed" in str(model_card(out, "user/pruned"))
+
+
+def test_bench_refuses_a_folder_without_provenance_and_no_baseline(tiny_model_dir, capsys):
+    assert main(["bench", "--model", str(tiny_model_dir)]) == 2
+    assert "block_removal.json" in capsys.readouterr().err
