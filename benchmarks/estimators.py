@@ -18,14 +18,14 @@ from pathlib import Path
 
 import torch
 
-from hf_blockcbo.architectures import describe_blocks
 from hf_blockcbo.config import BlockRemovalConfig
 from hf_blockcbo.data import build_calibration_set
-from hf_blockcbo.diagnose import diagnose, measure_states, plot_diagnoses
 from hf_blockcbo.models import load_model, resolve_model
 from hf_blockcbo.pipeline import calibrate, calibration_samples, validation_samples
-from hf_blockcbo.scorers import ScoringContext, score
-from hf_blockcbo.solving import solve_artifact
+from hf_blockcbo.selection.diagnose import diagnose, measure_states, plot_diagnoses
+from hf_blockcbo.selection.scorers import ScoringContext, score
+from hf_blockcbo.solvers.dispatch import solve_artifact
+from hf_blockcbo.surgery.architectures import describe_blocks
 
 
 def _gemma3() -> str:

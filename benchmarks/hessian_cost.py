@@ -18,10 +18,10 @@ import time
 
 import torch
 
-from hf_blockcbo.calibration import compute_gate_gradients, frozen_eval, per_sample_loss
 from hf_blockcbo.data import build_calibration_set
-from hf_blockcbo.gates import BlockGates
+from hf_blockcbo.hessian.gradients import compute_gate_gradients, frozen_eval, per_sample_loss
 from hf_blockcbo.models import load_model, resolve_model
+from hf_blockcbo.surgery.gates import BlockGates
 
 
 def plain_forward_backward(model, calibration, batch_size):

@@ -14,7 +14,7 @@ import sys
 
 CHILD = """
 import json, resource, time, torch
-from hf_blockcbo.calibration import compute_gate_gradients
+from hf_blockcbo.hessian.gradients import compute_gate_gradients
 from hf_blockcbo.data import build_calibration_set
 from hf_blockcbo.models import load_model, resolve_model
 mode, batch, seq = {mode!r}, {batch}, {seq}

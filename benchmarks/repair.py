@@ -25,11 +25,11 @@ import torch
 
 from hf_blockcbo.config import BlockRemovalConfig
 from hf_blockcbo.data import build_calibration_set, repair_samples
-from hf_blockcbo.evaluation import perplexity
+from hf_blockcbo.evaluation.likelihood import perplexity
 from hf_blockcbo.models import load_model, resolve_model
 from hf_blockcbo.pipeline import calibrate, choose_blocks, prune_and_save
-from hf_blockcbo.repair import fit_repair
-from hf_blockcbo.scorers import ScoringContext, score
+from hf_blockcbo.repair.least_squares import fit_repair
+from hf_blockcbo.selection.scorers import ScoringContext, score
 
 
 def _gemma3() -> str:
@@ -129,7 +129,7 @@ def distill(args, model, tokenizer, source, config, selection, tests, unpruned) 
     """The CBO choice: distilled `heal_steps` unrepaired vs repaired + distilled `heal_short` steps."""
     from transformers import AutoModelForCausalLM
 
-    from hf_blockcbo.healing import HealConfig, heal
+    from hf_blockcbo.healing.trainer import HealConfig, heal
 
     work = Path(tempfile.mkdtemp(prefix="repair_bench_"))
     out = []

@@ -13,19 +13,20 @@ from ._version import __version__ as __version__
 
 _EXPORTS = {
     "BlockCBOError": "errors",
-    "BlockGates": "gates",
+    "BlockGates": "surgery.gates",
     "BlockRemovalCallback": "callback",
     "BlockRemovalConfig": "config",
     "BlockRemover": "api",
     "CalibrationSet": "data",
     "Candidate": "solvers",
-    "HessianArtifact": "hessian",
+    "HessianArtifact": "hessian.artifact",
     "SolveResult": "solvers",
     "build_calibration_set": "data",
     "calibrate": "pipeline",
-    "compute_gate_gradients": "calibration",
-    "remove_blocks": "removal",
-    "save_pruned": "removal",
+    "compute_gate_gradients": "hessian.gradients",
+    "fit_repair": "repair.least_squares",
+    "remove_blocks": "surgery.removal",
+    "save_pruned": "surgery.removal",
     "solve": "solvers",
 }
 
@@ -42,6 +43,7 @@ __all__ = [
     "build_calibration_set",
     "calibrate",
     "compute_gate_gradients",
+    "fit_repair",
     "remove_blocks",
     "save_pruned",
     "solve",
@@ -56,13 +58,14 @@ def __getattr__(name: str):
 
 if TYPE_CHECKING:  # pragma: no cover
     from .api import BlockRemover
-    from .calibration import compute_gate_gradients
     from .callback import BlockRemovalCallback
     from .config import BlockRemovalConfig
     from .data import CalibrationSet, build_calibration_set
     from .errors import BlockCBOError
-    from .gates import BlockGates
-    from .hessian import HessianArtifact
+    from .hessian.artifact import HessianArtifact
+    from .hessian.gradients import compute_gate_gradients
     from .pipeline import calibrate
-    from .removal import remove_blocks, save_pruned
+    from .repair.least_squares import fit_repair
     from .solvers import Candidate, SolveResult, solve
+    from .surgery.gates import BlockGates
+    from .surgery.removal import remove_blocks, save_pruned

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from .config import BlockRemovalConfig
 from .errors import BlockCBOError
-from .hessian import HessianArtifact
-from .models import ModelSource, load_model, resolve_model
+from .hessian.artifact import HessianArtifact
+from .models import ModelSource, load_model, model_fingerprint, resolve_model
 from .pipeline import Selection, calibrate, choose_blocks, prune_and_save, solve_artifact
 from .solvers import SolveResult
 
@@ -55,11 +55,13 @@ class BlockRemover:
 
     def load_hessian(self, path_or_repo: str) -> HessianArtifact:
         """Reuse an artifact from a file, folder or Hub repository instead of calibrating."""
-        from .architectures import describe_blocks
-        from .hub import load_hessian
+        from .hub.publish import load_hessian
+        from .surgery.architectures import describe_blocks
 
         artifact = load_hessian(path_or_repo)
-        artifact.check_model(self.source.model_id, [b.name for b in describe_blocks(self.model)])
+        artifact.check_model(
+            self.source.model_id, [b.name for b in describe_blocks(self.model)], model_fingerprint(self.model)
+        )
         self.artifact = artifact
         return artifact
 
@@ -93,7 +95,7 @@ class BlockRemover:
 
     def push_to_hub(self, repo_id: str, private: bool = False, revision: str | None = None, token: str | None = None):
         """Upload the pruned model with a generated card (and the Hessian artifact) in one commit."""
-        from .hub import push_model
+        from .hub.publish import push_model
 
         if self._saved is None:
             self.save_pretrained(tempfile.mkdtemp(prefix="hf_blockcbo_"))

@@ -24,8 +24,8 @@ from transformers import TrainerCallback
 
 from .config import BlockRemovalConfig
 from .errors import BlockCBOError
-from .hessian import HessianArtifact
-from .removal import check_removal, remove_blocks
+from .hessian.artifact import HessianArtifact
+from .surgery.removal import check_removal, remove_blocks
 
 
 logger = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ class BlockRemovalCallback(TrainerCallback):
             if self.config.num_remove:
                 from .pipeline import solve_artifact, write_candidates
 
-                write_candidates(solve_artifact(artifact, self.config), out / "candidates.json")
+                write_candidates(solve_artifact(artifact, self.config), out / "candidates.json", artifact)
         state.wait_for_everyone()
         return artifact
 
@@ -149,7 +149,7 @@ class BlockRemovalCallback(TrainerCallback):
         blocks = list(solve_artifact(self.artifact, self.config).candidates[0].blocks)
         check_removal(model, blocks)
         if self.config.repair:  # fitted on the Hessian pass's samples, folded before the cut
-            from .repair import fit_repair
+            from .repair.least_squares import fit_repair
 
             repair = fit_repair(model, blocks, self.calibration, self.config.repair_ridge, gate=self.config.gate)
             repair.fold_into(model)

@@ -94,13 +94,14 @@ class BlockRemovalConfig:
     )
 
     def __post_init__(self) -> None:
+        self._check_types()
         for name in ("num_samples", "seq_len", "batch_size", "top_k"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
-                raise BlockCBOError(f"{name} must be a positive integer, got {value!r}")
+                raise BlockCBOError(f"`{name}` must be a positive integer, got {value!r}")
         if self.num_remove is not None and (not isinstance(self.num_remove, int) or self.num_remove <= 0):
-            raise BlockCBOError(f"num_remove must be a positive integer, got {self.num_remove!r}")
-        from .curvature import available_curvatures
+            raise BlockCBOError(f"`num_remove` must be a positive integer, got {self.num_remove!r}")
+        from .hessian.curvature import available_curvatures
 
         if self.curvature not in available_curvatures():
             raise BlockCBOError(
@@ -145,9 +146,41 @@ class BlockRemovalConfig:
             raise BlockCBOError(f"repair_samples must be a positive integer, got {self.repair_samples!r}")
         if not isinstance(self.repair_ridge, (int, float)) or not self.repair_ridge >= 0:
             raise BlockCBOError(f"repair_ridge must be a number >= 0, got {self.repair_ridge!r}")
+        if self.blocks is not None and self.rank is not None:
+            raise BlockCBOError("`blocks` names the blocks and `rank` picks a state of the spectrum: give one of them")
+        if self.blocks is not None and self.num_remove is not None and len(set(self.blocks)) != self.num_remove:
+            raise BlockCBOError(
+                f"`blocks` lists {len(set(self.blocks))} blocks but `num_remove` is {self.num_remove}; give one of them"
+            )
         self.protected = sorted({int(p) for p in self.protected})
         if self.blocks is not None:
             self.blocks = sorted({int(b) for b in self.blocks})
+
+    def _check_types(self) -> None:
+        """Each field holds its annotated type (a JSON/YAML `true` is not a sample count, `"6"` not a number)."""
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), str(f.type)
+            if value is None and "None" in kind:
+                continue
+            if kind.startswith("bool"):
+                ok = isinstance(value, bool)
+            elif kind.startswith("int"):
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            elif kind.startswith("float"):
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            elif kind.startswith("str"):
+                ok = isinstance(value, str)
+            elif kind.startswith("list[int]"):
+                ok = isinstance(value, (list, tuple)) and all(
+                    isinstance(v, int) and not isinstance(v, bool) for v in value
+                )
+            elif kind.startswith("dict[str, int]"):
+                ok = isinstance(value, dict) and all(isinstance(k, str) for k in value)
+            else:
+                ok = True
+            if not ok:
+                expected = kind.replace(" | None", " or null")
+                raise BlockCBOError(f"`{f.name}` must be {expected}, got {value!r} ({type(value).__name__})")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -169,13 +202,26 @@ class BlockRemovalConfig:
         path = Path(path)
         if not path.is_file():
             raise BlockCBOError(f"no config file at {str(path)!r}")
-        text = path.read_text(encoding="utf-8")
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
+        try:
+            text = path.read_text(encoding="utf-8")
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
 
-            values = yaml.safe_load(text) or {}
-        else:
-            values = json.loads(text)
+                values = yaml.safe_load(text) or {}
+            else:
+                values = json.loads(text)
+        except UnicodeDecodeError as err:
+            raise BlockCBOError(f"the config {str(path)!r} is not UTF-8 text") from err
+        except ValueError as err:  # json.JSONDecodeError
+            raise BlockCBOError(f"the config {str(path)!r} is not valid JSON: {err}") from err
+        except Exception as err:  # yaml.YAMLError (yaml is imported lazily)
+            if type(err).__module__.startswith("yaml"):
+                raise BlockCBOError(f"the config {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from err
+            raise
+        if not isinstance(values, dict):
+            raise BlockCBOError(
+                f"the config {str(path)!r} must hold a mapping of field: value, not {type(values).__name__}"
+            )
         return cls.from_dict(values)
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:

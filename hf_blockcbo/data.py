@@ -78,12 +78,23 @@ class CalibrationSet:
 
 
 # -- reading records ----------------------------------------------------------------------------------------------
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise BlockCBOError(
+            f"{path} is not UTF-8 text (byte {err.start} cannot be decoded); give a .txt, .jsonl or .json file"
+        ) from err
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     records = []
-    with path.open(encoding="utf-8") as handle:
-        text = handle.read()
+    text = _read_text(path)
     if path.suffix == ".json" and text.lstrip().startswith("["):
-        return json.loads(text)
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise BlockCBOError(f"{path} is not valid JSON ({err.msg}, line {err.lineno})") from err
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -123,7 +134,7 @@ def load_records(source: str | None, split: str = "train") -> tuple[list[dict], 
         if path.suffix in (".jsonl", ".json"):
             records = _read_jsonl(path)
         else:
-            records = [{"text": path.read_text(encoding="utf-8")}]
+            records = [{"text": _read_text(path)}]
     else:
         records = _records_from_dataset(source, split)
     if not records:

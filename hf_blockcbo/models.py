@@ -83,8 +83,11 @@ def convert_gguf(gguf: str | os.PathLike, refresh: bool = False) -> Path:
     if (folder / "config.json").is_file() and not refresh:
         return folder
     logger.warning("converting %s to safetensors once (cached in %s)", gguf.name, folder)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except (OSError, ValueError, KeyError) as err:  # not a GGUF, or an architecture transformers cannot read
+        raise BlockCBOError(f"cannot read the GGUF file {str(gguf)!r}: {str(err).splitlines()[0]}") from err
     drop_gguf_quantization(model)
     with atomic_dir(folder, overwrite=True) as tmp:
         model.save_pretrained(tmp)
@@ -128,8 +131,8 @@ def load_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, device_map=device_map, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
-    except OSError as err:
-        raise BlockCBOError(f"cannot load the model {source.model_id!r}: {err}") from err
+    except (OSError, ValueError) as err:  # missing files, a junk GGUF/safetensors, an unknown architecture
+        raise BlockCBOError(f"cannot load the model {source.model_id!r}: {str(err).splitlines()[0]}") from err
     placement = getattr(model, "hf_device_map", None) or {}
     offloaded = sorted(name for name, device in placement.items() if device == "disk")
     if offloaded:
@@ -142,3 +145,21 @@ def load_model(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.eval()
     return model, tokenizer
+
+
+def model_fingerprint(model) -> str:
+    """A short digest of a model's parameter names, shapes and first 1024 values of each (rounded to bfloat16, so
+    loading the same weights in another dtype keeps it): artifacts and candidates made on another model are refused
+    even when its block list looks the same."""
+    import torch
+
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            digest.update(f"{name}{tuple(param.shape)}".encode())
+            try:
+                sample = param.detach().reshape(-1)[:1024].to("cpu", torch.bfloat16).to(torch.float32)
+            except (RuntimeError, NotImplementedError):  # meta or sharded tensors: shapes only
+                continue
+            digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -15,17 +15,17 @@ from pathlib import Path
 
 from torch import nn
 
-from .architectures import count_parameters, describe_blocks, get_architecture, get_layers
 from .config import BlockRemovalConfig
 from .data import CalibrationSet, build_calibration_set, calibration_samples, repair_samples
 from .errors import BlockCBOError
-from .gates import resolve_gate_kind
-from .hessian import HessianArtifact
+from .hessian.artifact import HessianArtifact
 from .models import ModelSource
 from .provenance import Provenance
-from .removal import remove_blocks, save_pruned
 from .solvers import SolveResult
-from .solving import solve_artifact
+from .solvers.dispatch import solve_artifact
+from .surgery.architectures import count_parameters, describe_blocks, get_architecture, get_layers
+from .surgery.gates import resolve_gate_kind
+from .surgery.removal import remove_blocks, save_pruned
 
 
 logger = logging.getLogger(__name__)
@@ -64,9 +64,9 @@ def calibrate(
     process holds only its part of the model. ``calibration`` replaces the samples ``config`` describes (the
     callback passes its trainer's data).
     """
-    from .curvature import CurvatureJob, get_curvature
-    from .distributed import check_agreement, gather_rows, process_state, shard_bounds
-    from .resume import PartialRows, fingerprint, partial_path
+    from .hessian.curvature import CurvatureJob, get_curvature
+    from .hessian.distributed import check_agreement, gather_rows, process_state, shard_bounds
+    from .hessian.resume import PartialRows, fingerprint, partial_path
 
     estimator = get_curvature(config.curvature)
     spec = get_architecture(model)
@@ -75,6 +75,9 @@ def calibrate(
     if calibration is None:
         calibration = calibration_samples(tokenizer, config)
     rank, world, is_main, _ = process_state()
+    from .models import model_fingerprint
+
+    identity = model_fingerprint(model)  # before any sharding
     if not estimator.shardable:
         if fsdp:
             raise BlockCBOError(
@@ -100,7 +103,7 @@ def calibrate(
         check_agreement(key, "model, data or settings")
     lockstep = fsdp and world > 1
     if lockstep:
-        from .distributed import shard_model_fsdp
+        from .hessian.distributed import shard_model_fsdp
 
         shard_model_fsdp(model, get_layers(model, spec))
     start, stop = shard_bounds(len(calibration), rank, world)
@@ -136,6 +139,7 @@ def calibrate(
         extra=terms.extra,
         metadata={
             "model": source.model_id,
+            "model_fingerprint": identity,
             "revision": source.revision or "",
             "base_model": source.base_model or "",
             "dataset": calibration.source,
@@ -151,21 +155,50 @@ def calibrate(
     )
 
 
-def write_candidates(result: SolveResult, path: str | os.PathLike) -> None:
-    """JSON list of ``{"rank", "blocks", "energy"}`` sorted by energy, written atomically."""
+def write_candidates(result: SolveResult, path: str | os.PathLike, artifact: HessianArtifact | None = None) -> None:
+    """``{"model", "model_fingerprint", "block_names", "candidates": [{rank, blocks, energy}, ...]}`` sorted by
+    energy, written atomically; the header (from ``artifact``) lets `prune --candidates` refuse another model."""
     from .io_utils import atomic_file
 
+    meta = artifact.metadata if artifact is not None else {}
+    payload = {
+        "model": meta.get("model"),
+        "model_fingerprint": meta.get("model_fingerprint"),
+        "block_names": artifact.block_names if artifact is not None else None,
+        "candidates": [c.to_dict() for c in result.candidates],
+    }
     with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps([c.to_dict() for c in result.candidates], indent=2) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
 
 
-def read_candidates(path: str | os.PathLike) -> list[dict]:
+def read_candidates(path: str | os.PathLike, model: nn.Module | None = None) -> list[dict]:
+    """The candidates of a `solve --output` file, sorted by rank; with ``model``, refused when they were solved for
+    another model (block list or weights)."""
+    from .models import model_fingerprint
+
     path = Path(path)
     if not path.is_file():
         raise BlockCBOError(f"no candidates file at {str(path)!r}; run `hf-blockcbo solve --output ...` first")
-    rows = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BlockCBOError(f"{str(path)!r} is not a candidates file (not JSON: {err})") from err
+    rows = payload.get("candidates") if isinstance(payload, dict) else payload  # a bare list: an older file
     if not isinstance(rows, list) or not all(isinstance(r, dict) and "blocks" in r for r in rows):
-        raise BlockCBOError(f"{str(path)!r} is not a candidates file (a JSON list of {{rank, blocks, energy}})")
+        raise BlockCBOError(f"{str(path)!r} is not a candidates file (written by `hf-blockcbo solve --output`)")
+    if model is not None and isinstance(payload, dict):
+        names = [b.name for b in describe_blocks(model)]
+        if payload.get("block_names") not in (None, names):
+            raise BlockCBOError(
+                f"{str(path)!r} was solved for {payload.get('model')!r} with {len(payload['block_names'])} blocks, "
+                f"not for this model ({len(names)} blocks); solve again with this model's Hessian"
+            )
+        recorded = payload.get("model_fingerprint")
+        if recorded and recorded != model_fingerprint(model):
+            raise BlockCBOError(
+                f"{str(path)!r} was solved for {payload.get('model')!r}, whose weights differ from this model's; "
+                "solve again with this model's Hessian"
+            )
     return sorted(rows, key=lambda r: r.get("rank", 0))
 
 
@@ -186,11 +219,11 @@ class Selection:
     validation_ppl_unpruned: float | None = None
 
 
-def _explicit_selection(config: BlockRemovalConfig, candidates_file: str | None) -> Selection | None:
+def _explicit_selection(config: BlockRemovalConfig, candidates_file: str | None, model=None) -> Selection | None:
     if config.blocks is not None:
         return Selection(blocks=config.blocks, how="explicit", scorer="explicit")
     if candidates_file:
-        rows = read_candidates(candidates_file)
+        rows = read_candidates(candidates_file, model)
         rank = config.rank or 0
         if rank >= len(rows):
             raise BlockCBOError(f"`rank` {rank} is beyond the {len(rows)} states in {candidates_file}")
@@ -209,15 +242,15 @@ def choose_blocks(
     progress: bool = True,
 ) -> tuple[Selection, HessianArtifact | None]:
     """Decide which blocks go: explicit blocks, a candidates file, CBO (+ validation selection) or a baseline scorer."""
-    from .evaluation import perplexity
-    from .scorers import ScoringContext, score
-    from .selection import select_by_validation
+    from .evaluation.likelihood import perplexity
+    from .selection.scorers import ScoringContext, score
+    from .selection.validation import select_by_validation
 
     if config.repair:  # refuse a family that cannot fold before any expensive work
-        from .repair import check_repairable
+        from .repair.least_squares import check_repairable
 
         check_repairable(model, config.blocks or [])
-    explicit = _explicit_selection(config, candidates_file)
+    explicit = _explicit_selection(config, candidates_file, model)
     if explicit is not None:
         return explicit, artifact
     if config.num_remove is None:
@@ -236,6 +269,10 @@ def choose_blocks(
             list(chosen.blocks), f"{config.scorer} scorer", energy, None, None, config.scorer, merge_into
         ), artifact
     if artifact is None:
+        from .solvers.dispatch import check_solvable
+
+        blocks = describe_blocks(model)
+        check_solvable(config, [b.kind for b in blocks], [b.num_parameters for b in blocks], count_parameters(model))
         artifact = calibrate(model, tokenizer, config, source, progress=progress)
     result = solve_artifact(artifact, config)
     solver = {k: v for k, v in result.to_dict().items() if k != "candidates"}
@@ -275,7 +312,7 @@ def choose_blocks(
 
 def repaired_candidate(model: nn.Module, tokenizer, config: BlockRemovalConfig):
     """For repair-aware selection: ``candidate -> context`` in which the gated model carries that candidate's repair."""
-    from .repair import fit_repair
+    from .repair.least_squares import fit_repair
 
     data = repair_samples(tokenizer, config)
 
@@ -289,7 +326,7 @@ def repaired_candidate(model: nn.Module, tokenizer, config: BlockRemovalConfig):
 def repair_model(model: nn.Module, tokenizer, config: BlockRemovalConfig, blocks, progress: bool = False) -> dict:
     """Fit the repair of removing ``blocks`` and fold it into ``model``'s weights (blocks not yet removed); the
     record that goes into the provenance."""
-    from .repair import fit_repair
+    from .repair.least_squares import fit_repair
 
     repair = fit_repair(
         model, blocks, repair_samples(tokenizer, config), config.repair_ridge, config.batch_size, config.gate, progress
@@ -311,14 +348,16 @@ def prune_and_save(
 ) -> dict:
     """Remove ``selection.blocks`` from ``model`` (repaired first when ``config.repair``), save the plain checkpoint
     with its provenance; return the summary."""
-    from .removal import check_removal
-    from .scorers import merge_window
+    from .io_utils import check_output_dir
+    from .selection.scorers import merge_window
+    from .surgery.removal import check_removal
 
+    check_output_dir(output_dir, overwrite)  # refusals first: nothing below may leave the model half changed
     num_blocks_before = len(describe_blocks(model))
     params_before = count_parameters(model)
-    check_removal(model, selection.blocks)  # refusals first: nothing below may leave the model half changed
+    check_removal(model, selection.blocks)
     if config.repair:
-        from .repair import check_repairable
+        from .repair.least_squares import check_repairable
 
         check_repairable(model, selection.blocks)
     if selection.merge_into is not None:

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from hf_blockcbo.architectures import describe_blocks, get_architecture, get_layers
 from hf_blockcbo.errors import BlockCBOError
-from hf_blockcbo.gates import BlockGates
-from hf_blockcbo.removal import remove_blocks, save_pruned
+from hf_blockcbo.surgery.architectures import describe_blocks, get_architecture, get_layers
+from hf_blockcbo.surgery.gates import BlockGates
+from hf_blockcbo.surgery.removal import remove_blocks, save_pruned
 
 from .conftest import make_model, run_plain_transformers, tiny_gemma3_config, tiny_llama_config
 
@@ -233,7 +233,7 @@ def test_unknown_architecture_uses_the_generic_layer_gate(tiny_llama):
 def test_readme_support_table_is_generated_from_the_registry():
     from pathlib import Path
 
-    from hf_blockcbo.architectures import support_table
+    from hf_blockcbo.surgery.architectures import support_table
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     start, end = "<!-- support-table:start -->\n", "\n<!-- support-table:end -->"

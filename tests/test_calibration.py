@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from hf_blockcbo.calibration import compute_gate_gradients, per_sample_loss
 from hf_blockcbo.data import CalibrationSet
 from hf_blockcbo.errors import BlockCBOError
-from hf_blockcbo.gates import BlockGates
+from hf_blockcbo.hessian.gradients import compute_gate_gradients, per_sample_loss
+from hf_blockcbo.surgery.gates import BlockGates
 
 
 def _padded_set(seed=0, m=7, width=12):

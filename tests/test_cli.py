@@ -6,7 +6,7 @@ import time
 import pytest
 
 from hf_blockcbo.commands.cli import main
-from hf_blockcbo.hessian import HessianArtifact
+from hf_blockcbo.hessian.artifact import HessianArtifact
 
 from .conftest import run_plain_transformers
 
@@ -42,7 +42,9 @@ def test_calibrate_writes_the_artifact(artifact_path, tiny_model_dir):
 def test_solve_writes_sorted_candidates(artifact_path, tmp_path, capsys):
     out = tmp_path / "candidates.json"
     assert main(["solve", "--hessian", str(artifact_path), "--remove", "2", "--top-k", "5", "--output", str(out)]) == 0
-    rows = json.loads(out.read_text())
+    payload = json.loads(out.read_text())
+    rows = payload["candidates"]
+    assert payload["block_names"] == [f"model.layers.{i}" for i in range(6)] and payload["model_fingerprint"]
     assert [r["rank"] for r in rows] == list(range(5))
     assert [r["energy"] for r in rows] == sorted(r["energy"] for r in rows)
     assert all(len(r["blocks"]) == 2 for r in rows) and len({tuple(r["blocks"]) for r in rows}) == 5
@@ -52,7 +54,7 @@ def test_solve_writes_sorted_candidates(artifact_path, tmp_path, capsys):
 def test_prune_from_candidates_and_reload(artifact_path, tiny_model_dir, tmp_path, capsys):
     candidates = tmp_path / "c.json"
     main(["solve", "--hessian", str(artifact_path), "--remove", "2", "--top-k", "4", "--output", str(candidates)])
-    chosen = json.loads(candidates.read_text())[3]["blocks"]
+    chosen = json.loads(candidates.read_text())["candidates"][3]["blocks"]
     out = tmp_path / "pruned"
     code = main(
         ["prune", "--model", str(tiny_model_dir), "--candidates", str(candidates), "--rank", "3", "--output", str(out)]
@@ -189,7 +191,7 @@ def test_solve_plot_and_constraints(artifact_path, tmp_path, capsys):
     args = ["solve", "--hessian", str(artifact_path), "--remove", "2", "--top-k", "6", "--protect", "0,5"]
     assert main([*args, "--param-budget", "10", "--plot", str(png), "--output", str(out)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    rows = json.loads(out.read_text())
+    rows = json.loads(out.read_text())["candidates"]
     assert all(not {0, 5} & set(r["blocks"]) for r in rows)
     assert main([*args, "--per-kind", "moe=1", "--output", str(out), "--overwrite"]) == 2
     assert "no blocks of kind" in capsys.readouterr().err
@@ -334,3 +336,26 @@ def test_library_errors_name_fields_and_the_cli_names_flags(artifact_path, capsy
     argv = ["solve", "--hessian", str(artifact_path), "--remove", "2", "--per-kind", "attention=2"]
     assert main([*argv, "--param-budget", "90", "--solver", "exact"]) == 2
     assert "relax --per-kind / --param-budget / --protect" in capsys.readouterr().err
+
+
+def test_compare_with_repair_harness_tasks_and_measured_speed(tiny_model_dir, tmp_path):
+    pytest.importorskip("lm_eval")
+    out = tmp_path / "cmp"
+    task = tmp_path / "boolq.jsonl"
+    rows = [
+        {"question": f"is it {w}", "passage": f"the {w} sky", "answer": "yes" if i % 2 else "no"}
+        for i, w in enumerate(["blue", "green", "red", "grey"])
+    ]
+    task.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["compare", "--model", str(tiny_model_dir), "--remove", "2", *COMMON, "--eval-samples", "3"]
+    args += ["--methods", "cbo,bi,swm", "--repair", "--repair-samples", "4", "--tasks", str(task), "--speed"]
+    assert main([*args, "--top-k", "3", "--output-dir", str(out)]) == 0
+    table = (out / "compare.md").read_text()
+    assert "repaired test ppl" in table and "boolq_local acc" in table and "decode speed-up (measured)" in table
+    assert "| cbo (repair-aware) |" in table
+    with (out / "compare.csv").open() as handle:
+        import csv
+
+        parsed = list(csv.DictReader(handle))
+    bi = next(r for r in parsed if r["method"] == "bi")
+    assert float(bi["repaired_test_ppl"]) > 0 and float(bi["decode_speedup"]) > 1.0

@@ -6,16 +6,16 @@ import itertools
 import pytest
 import torch
 
-from hf_blockcbo.calibration import compute_gate_gradients, fisher_sample_seed
 from hf_blockcbo.config import BlockRemovalConfig
 from hf_blockcbo.data import CalibrationSet
 from hf_blockcbo.errors import BlockCBOError
-from hf_blockcbo.gates import BlockGates
-from hf_blockcbo.hessian import HessianArtifact
-from hf_blockcbo.measured import configuration_damage, measure_damage, reference_pass
+from hf_blockcbo.hessian.artifact import HessianArtifact
+from hf_blockcbo.hessian.gradients import compute_gate_gradients, fisher_sample_seed
+from hf_blockcbo.hessian.measured import configuration_damage, measure_damage, reference_pass
 from hf_blockcbo.models import ModelSource
 from hf_blockcbo.pipeline import calibrate
-from hf_blockcbo.solving import solve_artifact
+from hf_blockcbo.solvers.dispatch import solve_artifact
+from hf_blockcbo.surgery.gates import BlockGates
 
 
 def _samples(m=6, width=10, seed=0, pad=True):

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from hf_blockcbo.architectures import get_layers
 from hf_blockcbo.errors import BlockCBOError
-from hf_blockcbo.gates import BlockGates
-from hf_blockcbo.removal import remove_blocks
+from hf_blockcbo.surgery.architectures import get_layers
+from hf_blockcbo.surgery.gates import BlockGates
+from hf_blockcbo.surgery.removal import remove_blocks
 
 
 IDS = torch.tensor([[5, 17, 33, 2, 9, 41, 100, 7], [3, 3, 8, 12, 200, 6, 1, 90]])
@@ -84,7 +84,7 @@ def test_bad_gate_values_are_refused(tiny_llama):
 
 
 def test_layer_gate_works_without_a_registered_spec(tiny_llama):
-    from hf_blockcbo.architectures import GENERIC
+    from hf_blockcbo.surgery.architectures import GENERIC
 
     assert len(get_layers(tiny_llama, GENERIC)) == 6
     reference = _logits(tiny_llama)

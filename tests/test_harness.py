@@ -8,8 +8,8 @@ import torch
 
 from hf_blockcbo.commands.cli import main
 from hf_blockcbo.errors import BlockCBOError
-from hf_blockcbo.evaluation import multiple_choice_accuracy, read_multiple_choice
-from hf_blockcbo.harness import evaluate_tasks, local_task_yaml, require_lm_eval, task_name
+from hf_blockcbo.evaluation.harness import evaluate_tasks, local_task_yaml, require_lm_eval, task_name
+from hf_blockcbo.evaluation.likelihood import multiple_choice_accuracy, read_multiple_choice
 
 from .conftest import make_model, make_tokenizer, tiny_llama_config
 
@@ -72,7 +72,7 @@ def test_our_scorer_gives_the_harness_accuracy_on_the_same_items(tasks, model_an
 def test_gated_model_scores_like_the_pruned_folder(tasks, model_and_tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from hf_blockcbo.removal import remove_blocks, save_pruned
+    from hf_blockcbo.surgery.removal import remove_blocks, save_pruned
 
     model, tokenizer = model_and_tokenizer
     files = [str(tasks["hellaswag"]), str(tasks["boolq"])]
@@ -100,7 +100,7 @@ def test_eval_command_records_scores_in_the_pruned_folder(tasks, tiny_model_dir,
     record = json.loads((out / "block_removal.json").read_text())
     assert record["evaluation"]["limit"] == 6 and "acc" in record["evaluation"]["tasks"]["boolq_local"]
 
-    from hf_blockcbo.hub import model_card
+    from hf_blockcbo.hub.publish import model_card
 
     card = str(model_card(out, "user/pruned"))
     assert "boolq_local" in card and "acc (lm-eval)" in card

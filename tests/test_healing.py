@@ -1,15 +1,15 @@
 """Healing by distillation (TRL SFTTrainer with a KD loss) on a tiny model: KL goes down; kill and resume works."""
 
 import json
-import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from hf_blockcbo.commands.cli import main
-from hf_blockcbo.healing import distillation_loss
+from hf_blockcbo.healing.trainer import distillation_loss
 
 
 def _kl_to_teacher(student_dir, teacher_dir, tokenizer) -> float:
@@ -66,7 +66,6 @@ def test_distillation_lowers_the_kl_to_the_teacher(student, tiny_model_dir, toke
 def test_killed_healing_resumes_from_its_checkpoint(student, tiny_model_dir, tmp_path):
     out = tmp_path / "healed"
     cmd = [
-        sys.executable,
         "-m",
         "hf_blockcbo.cli",
         "heal",
@@ -80,12 +79,13 @@ def test_killed_healing_resumes_from_its_checkpoint(student, tiny_model_dir, tmp
         "20",
         *HEAL,
     ]
+    kill_after = str(Path(__file__).with_name("kill_after.py"))  # killed right after the step-10 checkpoint
     killed = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_BLOCKCBO_ABORT_AFTER_STEP": "10"}
+        [sys.executable, kill_after, "step", "10", *cmd], capture_output=True, text=True, timeout=600
     )
     assert killed.returncode == 137, killed.stderr[-2000:]
     assert (tmp_path / "healed.checkpoints" / "checkpoint-10").is_dir() and not out.exists()
-    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     healing = json.loads((out / "block_removal.json").read_text())["healing"]
     assert healing["resumed_from"] == "checkpoint-10" and healing["steps"] == 20
@@ -103,7 +103,7 @@ def test_distillation_loss_only_counts_target_tokens():
 
 def test_four_bit_teacher_needs_cuda():
     from hf_blockcbo.errors import BlockCBOError
-    from hf_blockcbo.healing import load_teacher
+    from hf_blockcbo.healing.trainer import load_teacher
 
     if torch.cuda.is_available():
         pytest.skip("CUDA present: the NF4 path is exercised on GPU machines")
@@ -112,7 +112,7 @@ def test_four_bit_teacher_needs_cuda():
 
 
 def test_topk_loss_equals_the_full_kl_when_k_is_the_vocabulary():
-    from hf_blockcbo.teacher_cache import topk_distillation_loss
+    from hf_blockcbo.healing.teacher_cache import topk_distillation_loss
 
     gen = torch.Generator().manual_seed(0)
     student, teacher = torch.randn(2, 6, 11, generator=gen), torch.randn(2, 6, 11, generator=gen)
@@ -133,7 +133,7 @@ def test_topk_loss_equals_the_full_kl_when_k_is_the_vocabulary():
 def test_teacher_cache_round_trips_and_lays_out_padded_batches(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from hf_blockcbo.teacher_cache import TeacherTopK, build_teacher_topk
+    from hf_blockcbo.healing.teacher_cache import TeacherTopK, build_teacher_topk
 
     teacher = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     sequences = [[5, 9, 14, 3, 7], [8, 2, 6], [5, 9, 14, 3, 7]]  # a duplicate is cached once
@@ -157,7 +157,7 @@ def test_teacher_cache_round_trips_and_lays_out_padded_batches(tiny_model_dir, t
 
 
 def test_healing_from_cached_teacher_logits(student, tiny_model_dir, tokenizer, tmp_path, monkeypatch):
-    import hf_blockcbo.healing as healing_module
+    import hf_blockcbo.healing.trainer as healing_module
 
     cache = tmp_path / "teacher.safetensors"
     args = ["--teacher", str(tiny_model_dir), "--max-steps", "40", "--teacher-top-k", "32", "--teacher-cache"]

@@ -5,7 +5,7 @@ import torch
 from safetensors import safe_open
 
 from hf_blockcbo.errors import BlockCBOError
-from hf_blockcbo.hessian import HessianArtifact
+from hf_blockcbo.hessian.artifact import HessianArtifact
 
 
 def _artifact(m=9, n=5, seed=0):

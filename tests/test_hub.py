@@ -80,7 +80,7 @@ def test_push_then_download_and_load_with_plain_transformers(hub, pruned, tmp_pa
 
 
 def test_card_yaml_passes_the_hub_validator(hub, pruned):
-    from hf_blockcbo.hub import model_card
+    from hf_blockcbo.hub.publish import model_card
 
     out, _ = pruned
     card = model_card(out, "tester/x")
@@ -105,8 +105,8 @@ def test_failed_upload_leaves_nothing_half_published(hub, pruned, capsys):
 
 def test_hessian_and_config_round_trip_through_the_hub(hub, pruned, tiny_model_dir, tmp_path):
     from hf_blockcbo.config import BlockRemovalConfig
-    from hf_blockcbo.hessian import HessianArtifact
-    from hf_blockcbo.hub import load_hessian, push_hessian
+    from hf_blockcbo.hessian.artifact import HessianArtifact
+    from hf_blockcbo.hub.publish import load_hessian, push_hessian
 
     _, art = pruned
     config = BlockRemovalConfig(num_remove=3, top_k=7)

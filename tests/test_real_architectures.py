@@ -5,13 +5,13 @@ import math
 import pytest
 import torch
 
-from hf_blockcbo.architectures import describe_blocks
-from hf_blockcbo.calibration import compute_gate_gradients
 from hf_blockcbo.data import build_calibration_set, embedded_documents
-from hf_blockcbo.gates import BlockGates
-from hf_blockcbo.hessian import HessianArtifact
-from hf_blockcbo.removal import remove_blocks, save_pruned
+from hf_blockcbo.hessian.artifact import HessianArtifact
+from hf_blockcbo.hessian.gradients import compute_gate_gradients
 from hf_blockcbo.solvers import solve
+from hf_blockcbo.surgery.architectures import describe_blocks
+from hf_blockcbo.surgery.gates import BlockGates
+from hf_blockcbo.surgery.removal import remove_blocks, save_pruned
 
 from .conftest import run_plain_transformers
 from .real_models import gemma3_gguf_path, upcycle_to_mixtral

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from hf_blockcbo.errors import BlockCBOError
-from hf_blockcbo.gates import BlockGates
-from hf_blockcbo.removal import PROVENANCE_FILE, remove_blocks, save_pruned
+from hf_blockcbo.surgery.gates import BlockGates
+from hf_blockcbo.surgery.removal import PROVENANCE_FILE, remove_blocks, save_pruned
 
 from .conftest import run_plain_transformers
 

@@ -6,15 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from hf_blockcbo.architectures import get_layers
 from hf_blockcbo.commands.cli import main
 from hf_blockcbo.config import BlockRemovalConfig
 from hf_blockcbo.data import CalibrationSet
 from hf_blockcbo.errors import BlockCBOError
-from hf_blockcbo.evaluation import perplexity
-from hf_blockcbo.gates import BlockGates
-from hf_blockcbo.removal import remove_blocks, save_pruned
-from hf_blockcbo.repair import fit_repair, removed_runs
+from hf_blockcbo.evaluation.likelihood import perplexity
+from hf_blockcbo.repair.least_squares import fit_repair, removed_runs
+from hf_blockcbo.surgery.architectures import get_layers
+from hf_blockcbo.surgery.gates import BlockGates
+from hf_blockcbo.surgery.removal import remove_blocks, save_pruned
 
 from .conftest import make_model, run_plain_transformers, tiny_gemma3_config, tiny_llama_config
 from .test_architectures import FAMILIES, PROMPT, _config
@@ -190,7 +190,7 @@ def test_prune_repair_records_the_repair_and_saves_the_hooked_model(tiny_model_d
 
 
 def test_prune_refuses_an_unfoldable_repair_before_writing(tmp_path, capsys):
-    from hf_blockcbo.removal import save_pruned as save
+    from hf_blockcbo.surgery.removal import save_pruned as save
 
     model = make_model(tiny_gemma3_config())
     source = tmp_path / "gemma"
@@ -231,8 +231,36 @@ def test_repair_aware_selection_scores_candidates_after_repair(tiny_model_dir):
 
 
 def test_config_validates_repair_fields():
-    with pytest.raises(BlockCBOError, match="repair must be true or false"):
+    with pytest.raises(BlockCBOError, match="`repair` must be bool"):
         BlockRemovalConfig(repair="yes")
     with pytest.raises(BlockCBOError, match="repair_samples must be a positive integer"):
         BlockRemovalConfig(repair_samples=0)
     assert BlockRemovalConfig.from_dict(BlockRemovalConfig(repair=True).to_dict()).repair is True
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_the_rotation_variant_folds_before_the_post_norm(family, monkeypatch):
+    """x̂(y·R)·s with R orthogonal: R folds into the MLP's down projection, s into the post-norm; equal to the hooks."""
+    import dataclasses
+
+    import hf_blockcbo.surgery.architectures.registry as registry
+    from hf_blockcbo.surgery.architectures import get_architecture
+
+    model = make_model(_config(family))
+    rotation = dataclasses.replace(get_architecture(model), repair="rotation")
+    for model_type in rotation.model_types:
+        monkeypatch.setitem(registry._REGISTRY, model_type, rotation)
+    repair = fit_repair(model, REMOVED, _random_calibration(), ridge=0.3)
+    assert [m.kind for m in repair.maps] == ["rotation", "rotation"]
+    for m in repair.maps:
+        torch.testing.assert_close(m.matrix.t() @ m.matrix, torch.eye(32, dtype=torch.float64), rtol=0, atol=1e-8)
+        assert m.error_after <= m.error_before
+    ids = torch.tensor(PROMPT)
+    with BlockGates(model) as gates, torch.no_grad():
+        gates.set_removed(REMOVED)
+        with repair.applied(model):
+            hooked = model(input_ids=ids).logits
+    repair.fold_into(model)
+    remove_blocks(model, REMOVED)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, hooked, rtol=1e-4, atol=1e-4)

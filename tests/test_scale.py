@@ -3,12 +3,13 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from hf_blockcbo.errors import BlockCBOError
-from hf_blockcbo.hessian import HessianArtifact
+from hf_blockcbo.hessian.artifact import HessianArtifact
 
 from .conftest import free_port
 
@@ -16,8 +17,13 @@ from .conftest import free_port
 ARGS = ["--curvature", "empirical", "--num-samples", "7", "--seq-len", "20", "--batch-size", "2", "--no-progress"]
 
 
-def _cli(*args, env=None, launcher=()):
+KILL_AFTER = str(Path(__file__).with_name("kill_after.py"))
+
+
+def _cli(*args, env=None, launcher=(), kill_after_rows=None):
     cmd = [*launcher, "-m", "hf_blockcbo.cli", *args] if launcher else [sys.executable, "-m", "hf_blockcbo.cli", *args]
+    if kill_after_rows is not None:  # killed right after that many checkpoints (tests/kill_after.py)
+        cmd = [sys.executable, KILL_AFTER, "rows", str(kill_after_rows), "-m", "hf_blockcbo.cli", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
 
 
@@ -82,7 +88,7 @@ def test_fsdp_sharded_weights_give_the_single_process_rows(tiny_model_dir, tmp_p
 def test_killed_run_resumes_to_the_identical_artifact(tiny_model_dir, tmp_path, single):
     out = tmp_path / "h.safetensors"
     args = ["calibrate", "--model", str(tiny_model_dir), *ARGS, "--checkpoint-every", "1", "--output", str(out)]
-    killed = _cli(*args, env={"HF_BLOCKCBO_ABORT_AFTER_BATCHES": "2"})
+    killed = _cli(*args, kill_after_rows=2)
     assert killed.returncode == 137
     partial = tmp_path / "h.safetensors.partial"
     assert partial.is_file() and not out.exists(), "killed: rows checkpointed, no artifact"
@@ -100,7 +106,7 @@ def test_killed_run_resumes_to_the_identical_artifact(tiny_model_dir, tmp_path, 
 def test_resume_file_from_another_configuration_is_refused(tiny_model_dir, tmp_path):
     out = tmp_path / "h.safetensors"
     args = ["calibrate", "--model", str(tiny_model_dir), *ARGS, "--checkpoint-every", "1", "--output", str(out)]
-    assert _cli(*args, env={"HF_BLOCKCBO_ABORT_AFTER_BATCHES": "1"}).returncode == 137
+    assert _cli(*args, kill_after_rows=1).returncode == 137
     other = _cli(*[a if a != "20" else "16" for a in args])  # another --seq-len
     assert other.returncode == 2 and "another configuration" in other.stderr
 

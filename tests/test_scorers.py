@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from hf_blockcbo.calibration import compute_gate_gradients
 from hf_blockcbo.data import build_calibration_set
 from hf_blockcbo.errors import BlockCBOError
-from hf_blockcbo.evaluation import multiple_choice_accuracy, perplexity, read_multiple_choice
-from hf_blockcbo.hessian import HessianArtifact
-from hf_blockcbo.removal import remove_blocks
-from hf_blockcbo.scorers import ScoringContext, available_scorers, merged_copy, score
-from hf_blockcbo.selection import select_by_validation, spearman
+from hf_blockcbo.evaluation.likelihood import multiple_choice_accuracy, perplexity, read_multiple_choice
+from hf_blockcbo.hessian.artifact import HessianArtifact
+from hf_blockcbo.hessian.gradients import compute_gate_gradients
+from hf_blockcbo.selection.scorers import ScoringContext, available_scorers, merged_copy, score
+from hf_blockcbo.selection.validation import select_by_validation, spearman
+from hf_blockcbo.surgery.removal import remove_blocks
 
 from .conftest import make_model, tiny_llama_config
 
@@ -111,7 +111,7 @@ def test_spearman_and_bad_method(setup):
 
 
 def test_sleb_reuses_its_nested_greedy_picks(setup, monkeypatch):
-    import hf_blockcbo.scorers as scorers
+    import hf_blockcbo.selection.scorers as scorers
 
     _, ctx, _ = setup
     fresh = ScoringContext(**{**ctx.__dict__, "_stats": None, "_sleb_steps": [], "_sleb_key": None})

@@ -7,16 +7,15 @@ import torch
 
 from hf_blockcbo.commands.cli import main
 from hf_blockcbo.errors import BlockCBOError
-from hf_blockcbo.removal import remove_blocks
-from hf_blockcbo.speed import benchmark, cache_bytes, measure_once
+from hf_blockcbo.evaluation.speed import benchmark, cache_bytes, measure_once
+from hf_blockcbo.surgery.removal import remove_blocks
 
 from .conftest import make_model, tiny_llama_config
 
 
 def _pair():
-    config = tiny_llama_config(num_hidden_layers=12)
-    original = make_model(config)
-    pruned = remove_blocks(make_model(config), list(range(3, 12)))
+    original = make_model(tiny_llama_config(num_hidden_layers=12))  # own configs: removal rewrites the config
+    pruned = remove_blocks(make_model(tiny_llama_config(num_hidden_layers=12)), list(range(3, 12)))
     return original, pruned
 
 
@@ -42,7 +41,8 @@ def test_cache_size_is_the_kv_tensors():
     # 6 layers × (K + V) × batch 2 × 2 KV heads × 15 positions × head_dim 8 × 4 bytes (the last step is not cached)
     assert result.kv_cache_bytes == 6 * 2 * 2 * 2 * 15 * 8 * 4
     out = model(input_ids=prompt, use_cache=True)
-    assert cache_bytes(out.past_key_values) == 6 * 2 * 2 * 2 * 10 * 8 * 4
+    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    assert cache_bytes(cache) == 6 * 2 * 2 * 2 * 10 * 8 * 4
 
 
 @pytest.mark.parametrize(
@@ -70,7 +70,7 @@ def test_bench_command_compares_with_the_original_named_in_the_provenance(tiny_m
     record = json.loads((out / "block_removal.json").read_text())
     assert record["speed"]["models"]["original"]["layers"] == 6
 
-    from hf_blockcbo.hub import model_card
+    from hf_blockcbo.hub.publish import model_card
 
     assert "Measured speed" in str(model_card(out, "user/pruned"))
 

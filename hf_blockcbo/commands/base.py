@@ -107,6 +107,33 @@ def _converter(field_name: str, annotation: str):
     return str
 
 
+def add_dataclass_flags(section, cls, names, flag_names: dict[str, str], required=(), choices=None) -> None:
+    """One flag per field of the dataclass ``cls`` in ``names``: help and default shown from the field itself, flag
+    name from ``flag_names`` or the field's name; bools become ``--x/--no-x``. Flags default to None (not given)."""
+    import dataclasses
+    from argparse import BooleanOptionalAction
+
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    choices = choices or {}
+    for name in names:
+        f = fields[name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = "" if default in (None, [], {}) else f" (default {default})"
+        help_text = f.metadata.get("help", "").replace("%", "%%") + shown
+        flag = flag_names.get(name, "--" + name.replace("_", "-"))
+        if str(f.type) == "bool":
+            section.add_argument(flag, dest=name, action=BooleanOptionalAction, default=None, help=help_text)
+            continue
+        section.add_argument(
+            flag,
+            dest=name,
+            type=_converter(name, str(f.type)),
+            choices=choices.get(name),
+            required=name in required,
+            help=help_text,
+        )
+
+
 def add_config_flags(
     parser: ArgumentParser, group: str, required: tuple[str, ...] = (), exclude: tuple[str, ...] = ()
 ) -> None:
@@ -114,39 +141,15 @@ def add_config_flags(
 
     Flags default to None (not given), so a `--config` file's values survive unless a flag overrides them.
     """
-    import dataclasses
-
     from ..config import BlockRemovalConfig
 
-    fields = {f.name: f for f in dataclasses.fields(BlockRemovalConfig)}
-    section = parser.add_argument_group(group)
-    for name in GROUPS[group]:
-        if name in exclude:
-            continue
-        f = fields[name]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        shown = "" if default in (None, [], {}) else f" (default {default})"
-        choices = _CHOICES.get(name)
-        if name == "curvature":
-            from ..curvature import available_curvatures
+    choices = dict(_CHOICES)
+    if "curvature" in GROUPS[group]:
+        from ..hessian.curvature import available_curvatures
 
-            choices = tuple(available_curvatures())
-        help_text = f.metadata.get("help", "").replace("%", "%%") + shown
-        if str(f.type) == "bool":
-            from argparse import BooleanOptionalAction
-
-            section.add_argument(
-                flag_name(name), dest=name, action=BooleanOptionalAction, default=None, help=help_text
-            )
-            continue
-        section.add_argument(
-            flag_name(name),
-            dest=name,
-            type=_converter(name, str(f.type)),
-            choices=choices,
-            required=name in required,
-            help=help_text,
-        )
+        choices["curvature"] = tuple(available_curvatures())
+    names = [n for n in GROUPS[group] if n not in exclude]
+    add_dataclass_flags(parser.add_argument_group(group), BlockRemovalConfig, names, FLAG_NAMES, required, choices)
 
 
 def to_flags(message: str) -> str:

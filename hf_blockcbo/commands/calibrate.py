@@ -29,12 +29,12 @@ class CalibrateCommand(BaseCommand):
         )
 
     def run(self) -> int:
-        from ..distributed import fsdp_requested, process_state
         from ..errors import BlockCBOError
+        from ..hessian.distributed import fsdp_requested, process_state
+        from ..hessian.resume import remove_partials
         from ..io_utils import check_not_an_input, check_output_file
         from ..models import load_model, resolve_model
         from ..pipeline import calibrate
-        from ..resume import remove_partials
 
         args = self.args
         config = self.config()

@@ -27,27 +27,42 @@ class CompareCommand(BaseCommand):
         parser.add_argument("--sleb-samples", type=int, default=8, help="samples for SLEB's greedy loss (default 8)")
         parser.add_argument("--mc", help="multiple-choice JSONL files (benchkit format), comma-separated")
         parser.add_argument("--mc-limit", type=int, default=100, help="items per multiple-choice file (default 100)")
+        parser.add_argument(
+            "--tasks",
+            help="lm-evaluation-harness tasks (names, or local multiple-choice JSONL files), comma-separated; "
+            "items per task: --mc-limit",
+        )
+        parser.add_argument(
+            "--speed", action="store_true", help="measure each row's decode speed-up on a physically pruned copy"
+        )
         parser.add_argument("--output-dir", required=True, help="folder for compare.md, compare.csv, compare.png")
         parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --output-dir")
 
     def run(self) -> int:
         import time
 
-        from ..architectures import describe_blocks
-        from ..compare import run_comparison, write_comparison
         from ..data import build_calibration_set
         from ..errors import BlockCBOError
-        from ..hessian import HessianArtifact
+        from ..hessian.artifact import HessianArtifact
         from ..io_utils import check_not_an_input, check_output_dir
-        from ..models import load_model, resolve_model
+        from ..models import load_model, model_fingerprint, resolve_model
         from ..pipeline import calibrate
-        from ..scorers import ScoringContext, available_scorers
+        from ..selection.compare import run_comparison, write_comparison
+        from ..selection.scorers import ScoringContext, available_scorers
+        from ..surgery.architectures import describe_blocks
 
         args = self.args
         start = time.perf_counter()
         config = self.config()
         check_not_an_input(args.output_dir, [config.model, config.data, args.hessian, args.test_data])
         check_output_dir(args.output_dir, args.overwrite)
+        harness_tasks = None
+        if args.tasks:
+            from ..evaluation.harness import require_lm_eval, split_tasks
+
+            require_lm_eval()  # before the long work
+            harness_tasks = args.tasks.split(",")
+            split_tasks(harness_tasks)
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         unknown = sorted(set(methods) - set(available_scorers()))
         if unknown:
@@ -60,7 +75,9 @@ class CompareCommand(BaseCommand):
         if "cbo" in methods:
             if args.hessian:
                 artifact = HessianArtifact.load(args.hessian)
-                artifact.check_model(source.model_id, [b.name for b in describe_blocks(model)])
+                artifact.check_model(
+                    source.model_id, [b.name for b in describe_blocks(model)], model_fingerprint(model)
+                )
             else:
                 artifact = calibrate(model, tokenizer, config, source, progress=progress)
 
@@ -76,7 +93,7 @@ class CompareCommand(BaseCommand):
         )
         from pathlib import Path
 
-        from ..evaluation import read_multiple_choice
+        from ..evaluation.likelihood import read_multiple_choice
 
         mc_tasks = {
             Path(path).stem: read_multiple_choice(path, limit=args.mc_limit)
@@ -85,7 +102,7 @@ class CompareCommand(BaseCommand):
         repair_data = None
         if config.repair:
             from ..data import repair_samples
-            from ..repair import check_repairable
+            from ..repair.least_squares import check_repairable
 
             check_repairable(model, [])
             repair_data = repair_samples(tokenizer, config)
@@ -101,6 +118,9 @@ class CompareCommand(BaseCommand):
             mc_tasks=mc_tasks,
             repair_data=repair_data,
             repair_ridge=config.repair_ridge,
+            harness_tasks=harness_tasks,
+            harness_limit=args.mc_limit,
+            speed=args.speed,
         )
         written = write_comparison(comparison, args.output_dir, len(describe_blocks(model)))
         print(comparison.markdown())

@@ -30,14 +30,14 @@ class DiagnoseCommand(BaseCommand):
     def run(self) -> int:
         from pathlib import Path
 
-        from ..architectures import describe_blocks
         from ..data import build_calibration_set
-        from ..diagnose import diagnose, plot_diagnoses
         from ..errors import BlockCBOError
-        from ..hessian import HessianArtifact
+        from ..hessian.artifact import HessianArtifact
         from ..io_utils import atomic_file
-        from ..models import load_model, resolve_model
+        from ..models import load_model, model_fingerprint, resolve_model
         from ..pipeline import calibrate
+        from ..selection.diagnose import diagnose, plot_diagnoses
+        from ..surgery.architectures import describe_blocks
 
         args = self.args
         config = self.config()
@@ -55,7 +55,7 @@ class DiagnoseCommand(BaseCommand):
         )
         if args.hessian:
             artifact = HessianArtifact.load(args.hessian)
-            artifact.check_model(source.model_id, [b.name for b in describe_blocks(model)])
+            artifact.check_model(source.model_id, [b.name for b in describe_blocks(model)], model_fingerprint(model))
         else:
             artifact = calibrate(model, tokenizer, config, source, progress=not args.no_progress)
         config = config.replace(curvature=artifact.curvature)

@@ -49,7 +49,7 @@ class EvalCommand(BaseCommand):
         import json
 
         from ..errors import BlockCBOError
-        from ..harness import evaluate_tasks, require_lm_eval, split_tasks
+        from ..evaluation.harness import evaluate_tasks, require_lm_eval, split_tasks
         from ..io_utils import check_not_an_input, check_output_file, write_json_atomic
         from ..models import load_model, resolve_model
 
@@ -119,10 +119,10 @@ class BenchCommand(BaseCommand):
         import torch
 
         from ..errors import BlockCBOError
+        from ..evaluation.speed import benchmark
         from ..io_utils import check_not_an_input, check_output_file, write_json_atomic
         from ..models import load_model, resolve_model
         from ..provenance import Provenance
-        from ..speed import benchmark
 
         args = self.args
         for name in ("prompt_len", "new_tokens", "batch_size", "repeats"):

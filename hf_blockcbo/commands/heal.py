@@ -8,54 +8,43 @@ from .base import BaseCommand, CommandInfo
 
 
 def add_heal_args(parser: ArgumentParser, data_flag: str = "--heal-data") -> None:
+    """Healing flags: the `HealSettings` fields (help and defaults from the dataclass) plus data and teacher options."""
+    from ..healing.settings import HEAL_FLAG_FIELDS, HEAL_FLAG_NAMES, HealSettings
+    from .base import add_dataclass_flags
+
     group = parser.add_argument_group("healing (knowledge distillation)")
     group.add_argument(
         data_flag, dest="heal_data", help="training data: .txt / .jsonl text or chat (default: embedded)"
     )
-    group.add_argument("--max-steps", type=int, default=-1, help="training steps (default: one epoch)")
-    group.add_argument("--learning-rate", type=float, default=2e-5, help="default 2e-5 (paper)")
-    group.add_argument("--heal-batch-size", type=int, default=4, help="per-device batch size (default 4)")
-    group.add_argument("--max-length", type=int, default=1024, help="tokens per training sample (default 1024)")
-    group.add_argument("--temperature", type=float, default=1.0, help="distillation temperature (default 1)")
-    group.add_argument("--alpha-ce", type=float, default=0.0, help="weight of the data cross-entropy (default 0)")
-    group.add_argument("--assistant-only", action="store_true", help="chat data: distil on assistant tokens only")
+    add_dataclass_flags(group, HealSettings, HEAL_FLAG_FIELDS, HEAL_FLAG_NAMES)
     group.add_argument("--teacher-4bit", action="store_true", help="NF4 teacher via bitsandbytes (CUDA only)")
-    group.add_argument(
-        "--teacher-top-k",
-        type=int,
-        default=0,
-        help="cache the teacher's top-k log-probs once, then train without the teacher in memory (0: live teacher)",
-    )
     group.add_argument("--teacher-cache", help="file for the cached teacher log-probs (kept; default: temporary)")
-    group.add_argument("--save-steps", type=int, default=100, help="checkpoint every N steps (resume on rerun)")
     group.add_argument("--eval-data", help="validation data for perplexity before/after (default: embedded split)")
-    group.add_argument("--heal-seed", type=int, default=0, help="training seed")
+
+
+def heal_settings(args):
+    """`HealSettings` from the flags that were given (the dataclass supplies every default)."""
+    from ..healing.settings import HEAL_FLAG_FIELDS, HealSettings
+
+    return HealSettings(**{n: getattr(args, n) for n in HEAL_FLAG_FIELDS if getattr(args, n, None) is not None})
 
 
 def heal_config(args, output_dir: str):
-    from ..healing import HealConfig
+    from ..healing.trainer import HealConfig
 
+    settings = heal_settings(args)
     return HealConfig(
         output_dir=output_dir,
-        max_steps=args.max_steps,
-        learning_rate=args.learning_rate,
-        per_device_train_batch_size=args.heal_batch_size,
-        max_length=args.max_length,
-        temperature=args.temperature,
-        alpha_ce=args.alpha_ce,
-        teacher_top_k=args.teacher_top_k,
-        assistant_only_loss=args.assistant_only,
-        save_steps=args.save_steps,
+        **settings.to_dict(),
         save_strategy="steps",
-        logging_steps=max(1, min(10, args.save_steps)),
-        seed=args.heal_seed,
+        logging_steps=max(1, min(10, settings.save_steps)),
         use_cpu=not __import__("torch").cuda.is_available(),
     )
 
 
 def run_heal(args, student: str, teacher: str) -> dict:
     """Heal ``student`` into ``args.output`` with the flags of `add_heal_args`; print and return the report."""
-    from ..healing import heal
+    from ..healing.trainer import heal
 
     report = heal(
         student,

@@ -41,11 +41,11 @@ class PruneCommand(BaseCommand):
         hub.add_argument("--revision-push", dest="push_revision", help="branch to push to (default main)")
 
     def run(self) -> int:
-        from ..architectures import describe_blocks
-        from ..hessian import HessianArtifact
+        from ..hessian.artifact import HessianArtifact
         from ..io_utils import check_not_an_input, check_output_dir, check_output_file
-        from ..models import load_model, resolve_model
+        from ..models import load_model, model_fingerprint, resolve_model
         from ..pipeline import choose_blocks, prune_and_save
+        from ..surgery.architectures import describe_blocks
 
         args = self.args
         config = self.config()
@@ -60,7 +60,7 @@ class PruneCommand(BaseCommand):
         artifact = None
         if args.hessian:
             artifact = HessianArtifact.load(args.hessian)
-            artifact.check_model(source.model_id, [b.name for b in describe_blocks(model)])
+            artifact.check_model(source.model_id, [b.name for b in describe_blocks(model)], model_fingerprint(model))
         selection, artifact = choose_blocks(
             model, tokenizer, config, source, artifact, args.candidates, progress=not args.no_progress
         )
@@ -101,7 +101,7 @@ class PruneCommand(BaseCommand):
             run_heal(args, target, source.model_id)
             shutil.rmtree(target, ignore_errors=True)
         if args.push_to_hub:
-            from ..hub import push_model
+            from ..hub.publish import push_model
 
             url = push_model(
                 args.output, args.push_to_hub, args.private, args.push_revision, hessian=args.save_hessian

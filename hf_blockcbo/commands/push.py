@@ -21,7 +21,7 @@ class PushCommand(BaseCommand):
         parser.add_argument("--token", help="Hub token (default: HF_TOKEN or the saved login)")
 
     def run(self) -> int:
-        from ..hub import push_model
+        from ..hub.publish import push_model
 
         a = self.args
         url = push_model(a.model, a.repo, a.private, a.revision, a.token, a.hessian, a.license)

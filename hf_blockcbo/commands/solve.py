@@ -20,7 +20,7 @@ class SolveCommand(BaseCommand):
         parser.add_argument("--overwrite", action="store_true", help="replace existing --output / --plot files")
 
     def run(self) -> int:
-        from ..hessian import HessianArtifact
+        from ..hessian.artifact import HessianArtifact
         from ..io_utils import check_not_an_input, check_output_file
         from ..pipeline import solve_artifact, write_candidates
 
@@ -32,9 +32,9 @@ class SolveCommand(BaseCommand):
         artifact = HessianArtifact.load(self.args.hessian)
         result = solve_artifact(artifact, config)
         if self.args.output:
-            write_candidates(result, self.args.output)
+            write_candidates(result, self.args.output, artifact)
         if self.args.plot:
-            from ..plots import plot_spectrum
+            from ..selection.plots import plot_spectrum
 
             plot_spectrum(result, self.args.plot, artifact.block_kinds)
         status = "certified exact" if result.certified else "not certified (heuristic)"

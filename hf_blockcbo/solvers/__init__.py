@@ -1,103 +1,35 @@
 """Solvers for min xᵀQx s.t. Σx = M, x ∈ {0,1}^N, returning the K lowest states; pick one with ``method``.
 
-Add a solver with :func:`register_solver`; it receives the reduced problem (protected blocks already taken out) and
-returns ``(states, energies, certified, info)``.
+Add a solver with :func:`register_solver` beside its algorithm; it receives a :class:`Problem` (the reduced problem,
+protected blocks already taken out) and returns ``(states, energies, certified, info)``.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from ..errors import BlockCBOError
-from .base import Candidate, SolveResult, check_counts, check_matrix, energy, num_states, to_candidates
-from .branch_bound import branch_and_bound_topk
-from .brute_torch import brute_force_topk
-from .constrained import Constraints, enumerate_constrained, feasible_start, parse_per_kind, swap_classes
-from .exact import enumerate_topk
-from .tabu import tabu_topk
+from . import branch_bound, brute_torch, exact, tabu  # noqa: F401  (each registers its solver)
+from .base import (
+    Candidate,
+    Problem,
+    SolveResult,
+    available_solvers,
+    check_counts,
+    check_matrix,
+    energy,
+    get_solver,
+    num_states,
+    register_solver,
+    to_candidates,
+)
+from .constrained import Constraints, parse_per_kind
 
 
-SolverFn = Callable[..., tuple[np.ndarray, np.ndarray, bool, dict]]
-_SOLVERS: dict[str, SolverFn] = {}
 AUTO_TIME_LIMIT = 60.0  # seconds `auto` gives branch and bound when no --time-limit is set
-
-
-def register_solver(name: str) -> Callable[[SolverFn], SolverFn]:
-    def wrap(fn: SolverFn) -> SolverFn:
-        _SOLVERS[name] = fn
-        return fn
-
-    return wrap
-
-
-def available_solvers() -> list[str]:
-    return ["auto", *sorted(_SOLVERS)]
-
-
-EXACT_RATE = 2e8  # states/s, a conservative figure for refusing an enumeration that would outlast --time-limit
-
-
-@register_solver("exact")
-def _solve_exact(Q, num_remove, top_k, seed, time_limit, cons):
-    count = num_states(Q.shape[0], num_remove)
-    if time_limit is not None and count / EXACT_RATE > time_limit:
-        raise BlockCBOError(
-            f"exact enumeration of C({Q.shape[0]}, {num_remove}) = {count:.3g} states would outlast the "
-            f"{time_limit:g} s time limit; use `solver=tabu` or raise `time_limit`"
-        )
-    if cons is not None:
-        return (*enumerate_constrained(Q, num_remove, top_k, *cons), True, {})
-    states, energies = enumerate_topk(Q, num_remove, top_k)
-    return states, energies, True, {}
-
-
-@register_solver("tabu")
-def _solve_tabu(Q, num_remove, top_k, seed, time_limit, cons):
-    classes = initial = None
-    if cons is not None:
-        kind_ids, required, weights, min_weight = cons
-        if min_weight > 0:
-            raise BlockCBOError("the tabu solver does not take a parameter budget; use `solver=exact`")
-        classes = swap_classes(kind_ids, required)
-        initial = lambda rng: feasible_start(classes, kind_ids, required, num_remove, rng)  # noqa: E731
-    states, energies, info = tabu_topk(
-        Q, num_remove, top_k, seed=seed, time_limit=time_limit, classes=classes, initial=initial
-    )
-    return states, energies, False, info
-
-
-@register_solver("bnb")
-def _solve_branch_and_bound(Q, num_remove, top_k, seed, time_limit, cons):
-    if cons is not None:
-        raise BlockCBOError(
-            "branch and bound takes no per-kind counts or budget yet; use `solver=exact` or `solver=tabu`"
-        )
-    start = time.perf_counter()
-    seed_states, seed_energies, _ = tabu_topk(Q, num_remove, top_k, seed=seed, time_limit=time_limit)
-    left = None if time_limit is None else max(0.0, time_limit - (time.perf_counter() - start))
-    states, energies, certified, info = branch_and_bound_topk(
-        Q, num_remove, top_k, seed_states, seed_energies, time_limit=left
-    )
-    if not certified:  # keep the better of what tabu and the unfinished search found
-        merged = {tuple(int(b) for b in row): float(e) for row, e in zip(seed_states, seed_energies, strict=True)}
-        merged.update({tuple(int(b) for b in row): float(e) for row, e in zip(states, energies, strict=True)})
-        best = sorted(merged.items(), key=lambda item: item[1])[:top_k]
-        states = np.array([list(k) for k, _ in best], dtype=np.int64).reshape(len(best), num_remove)
-        energies = np.array([e for _, e in best])
-    return states, energies, certified, info
-
-
-@register_solver("torch")
-def _solve_torch(Q, num_remove, top_k, seed, time_limit, cons):
-    if cons is not None:
-        raise BlockCBOError(
-            "the torch brute force takes no per-kind counts or budget; use `solver=exact` or `solver=tabu`"
-        )
-    states, energies, complete = brute_force_topk(Q, num_remove, top_k, time_limit=time_limit)
-    return states, energies, complete, {"complete": complete}
 
 
 def _auto_method(num_blocks: int, num_remove: int, constrained: bool) -> str:
@@ -152,12 +84,11 @@ def solve(
     top_k = min(top_k, num_states(len(index_map), num_remove))
     cons = constraints.encode(index_map, num_remove) if constraints is not None and constraints.active else None
     chosen = _auto_method(len(index_map), num_remove, cons is not None) if method == "auto" else method
-    if chosen not in _SOLVERS:
-        raise BlockCBOError(f"unknown solver {method!r}; choose one of {', '.join(available_solvers())}")
+    solver = get_solver(chosen)
     if method == "auto" and chosen == "bnb" and time_limit is None:
         time_limit = AUTO_TIME_LIMIT
     start = time.perf_counter()
-    states, energies, certified, info = _SOLVERS[chosen](reduced, num_remove, top_k, seed, time_limit, cons)
+    states, energies, certified, info = solver(Problem(reduced, num_remove, top_k, seed, time_limit, cons))
     if len(states) == 0:
         raise BlockCBOError("no configuration meets the constraints; relax `per_kind` / `param_budget` / `protected`")
     seconds = time.perf_counter() - start
@@ -179,6 +110,7 @@ def solve(
 __all__ = [
     "Candidate",
     "Constraints",
+    "Problem",
     "SolveResult",
     "available_solvers",
     "energy",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -107,3 +107,49 @@ def to_candidates(states: np.ndarray, energies: np.ndarray, index_map: np.ndarra
         rows.append((float(e), tuple(int(b) for b in blocks)))
     rows.sort()
     return [Candidate(rank=r, blocks=b, energy=e) for r, (e, b) in enumerate(rows)]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """The reduced problem a solver receives: min xᵀQx s.t. Σx = ``num_remove`` over the blocks left once the
+    protected ones are taken out.
+
+    Args:
+        Q (`np.ndarray` of shape `[n, n]`): the energy matrix over the removable blocks.
+        num_remove (`int`): M. top_k (`int`): states wanted (never more than exist).
+        seed (`int`): for stochastic solvers. time_limit (`float`, *optional*): seconds.
+        constraints (`tuple`, *optional*): per-kind counts / parameter budget, encoded as
+            ``(kind_ids, required, weights, min_weight)`` over the reduced blocks (`Constraints.encode`).
+    """
+
+    Q: np.ndarray
+    num_remove: int
+    top_k: int
+    seed: int = 0
+    time_limit: float | None = None
+    constraints: tuple | None = None
+
+
+# A solver maps a Problem to (states [K, M] over the reduced indices, energies [K], certified, info).
+SolverFn = Callable[[Problem], tuple[np.ndarray, np.ndarray, bool, dict]]
+_SOLVERS: dict[str, SolverFn] = {}
+
+
+def register_solver(name: str) -> Callable[[SolverFn], SolverFn]:
+    """Register a solver under ``name`` (``BlockRemovalConfig.solver``); it sits beside its algorithm."""
+
+    def wrap(fn: SolverFn) -> SolverFn:
+        _SOLVERS[name] = fn
+        return fn
+
+    return wrap
+
+
+def get_solver(name: str) -> SolverFn:
+    if name not in _SOLVERS:
+        raise BlockCBOError(f"unknown solver {name!r}; choose one of {', '.join(available_solvers())}")
+    return _SOLVERS[name]
+
+
+def available_solvers() -> list[str]:
+    return ["auto", *sorted(_SOLVERS)]

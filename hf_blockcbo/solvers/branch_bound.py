@@ -30,6 +30,8 @@ import time
 import numpy as np
 from numba import get_num_threads, njit, prange
 
+from ..errors import BlockCBOError
+from .base import Problem, register_solver
 from .kbest import archive_insert
 
 
@@ -308,3 +310,28 @@ def branch_and_bound_topk(
         "lower_bound": lower_bound,
     }
     return np.sort(order[found_states], axis=1), found_energies, certified, info
+
+
+@register_solver("bnb")
+def solve_branch_and_bound(problem: Problem):
+    """Branch and bound seeded by tabu's list: certified when it finishes, else the better of both with a bound."""
+    from .tabu import tabu_topk
+
+    if problem.constraints is not None:
+        raise BlockCBOError(
+            "branch and bound takes no per-kind counts or budget yet; use `solver=exact` or `solver=tabu`"
+        )
+    Q, num_remove, top_k, time_limit = problem.Q, problem.num_remove, problem.top_k, problem.time_limit
+    start = time.perf_counter()
+    seed_states, seed_energies, _ = tabu_topk(Q, num_remove, top_k, seed=problem.seed, time_limit=time_limit)
+    left = None if time_limit is None else max(0.0, time_limit - (time.perf_counter() - start))
+    states, energies, certified, info = branch_and_bound_topk(
+        Q, num_remove, top_k, seed_states, seed_energies, time_limit=left
+    )
+    if not certified:  # keep the better of what tabu and the unfinished search found
+        merged = {tuple(int(b) for b in row): float(e) for row, e in zip(seed_states, seed_energies, strict=True)}
+        merged.update({tuple(int(b) for b in row): float(e) for row, e in zip(states, energies, strict=True)})
+        best = sorted(merged.items(), key=lambda item: item[1])[:top_k]
+        states = np.array([list(k) for k, _ in best], dtype=np.int64).reshape(len(best), num_remove)
+        energies = np.array([e for _, e in best])
+    return states, energies, certified, info

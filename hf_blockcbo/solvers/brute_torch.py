@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import BlockCBOError
+from .base import Problem, register_solver
 
 
 _CLAMP = 2**62
@@ -100,3 +101,16 @@ def brute_force_topk(
             complete = False
             break
     return best_s.cpu().numpy(), best_e.cpu().numpy(), complete
+
+
+@register_solver("torch")
+def solve_torch(problem: Problem):
+    """Brute force on the GPU (or CPU) in chunks; certified when it completes."""
+    if problem.constraints is not None:
+        raise BlockCBOError(
+            "the torch brute force takes no per-kind counts or budget; use `solver=exact` or `solver=tabu`"
+        )
+    states, energies, complete = brute_force_topk(
+        problem.Q, problem.num_remove, problem.top_k, time_limit=problem.time_limit
+    )
+    return states, energies, complete, {"complete": complete}

@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from ..errors import BlockCBOError
+from .base import Problem, num_states, register_solver
 from .kbest import archive_contents, archive_insert, new_archive
 
 
@@ -66,3 +68,24 @@ def enumerate_topk(Q: np.ndarray, num_remove: int, top_k: int) -> tuple[np.ndarr
     energies, states, hashes, size = new_archive(top_k, num_remove)
     _enumerate(np.ascontiguousarray(Q, dtype=np.float64), num_remove, energies, states, hashes, size)
     return archive_contents(energies, states, size)
+
+
+EXACT_RATE = 2e8  # states/s, a conservative figure for refusing an enumeration that would outlast the time limit
+
+
+@register_solver("exact")
+def solve_exact(problem: Problem):
+    """Certified enumeration of every state (per-kind counts and budgets honoured exactly)."""
+    from .constrained import enumerate_constrained
+
+    Q, num_remove, top_k = problem.Q, problem.num_remove, problem.top_k
+    count = num_states(Q.shape[0], num_remove)
+    if problem.time_limit is not None and count / EXACT_RATE > problem.time_limit:
+        raise BlockCBOError(
+            f"exact enumeration of C({Q.shape[0]}, {num_remove}) = {count:.3g} states would outlast the "
+            f"{problem.time_limit:g} s time limit; use `solver=tabu` or raise `time_limit`"
+        )
+    if problem.constraints is not None:
+        return (*enumerate_constrained(Q, num_remove, top_k, *problem.constraints), True, {})
+    states, energies = enumerate_topk(Q, num_remove, top_k)
+    return states, energies, True, {}

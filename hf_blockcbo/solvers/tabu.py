@@ -13,6 +13,8 @@ import time
 import numpy as np
 from numba import njit
 
+from ..errors import BlockCBOError
+from .base import Problem, register_solver
 from .kbest import archive_contents, archive_insert, new_archive
 
 
@@ -192,3 +194,27 @@ def tabu_topk(
             break
     found_states, found_energies = archive_contents(energies, states, size)
     return found_states, found_energies, {"walks": walks, "iterations_per_walk": iterations, "tenure": tenure}
+
+
+@register_solver("tabu")
+def solve_tabu(problem: Problem):
+    """Tabu search from random (or per-kind feasible) starts; not certified."""
+    from .constrained import feasible_start, swap_classes
+
+    classes = initial = None
+    if problem.constraints is not None:
+        kind_ids, required, weights, min_weight = problem.constraints
+        if min_weight > 0:
+            raise BlockCBOError("the tabu solver does not take a parameter budget; use `solver=exact`")
+        classes = swap_classes(kind_ids, required)
+        initial = lambda rng: feasible_start(classes, kind_ids, required, problem.num_remove, rng)  # noqa: E731
+    states, energies, info = tabu_topk(
+        problem.Q,
+        problem.num_remove,
+        problem.top_k,
+        seed=problem.seed,
+        time_limit=problem.time_limit,
+        classes=classes,
+        initial=initial,
+    )
+    return states, energies, False, info

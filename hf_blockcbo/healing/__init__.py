@@ -1,0 +1,1 @@
+"""Healing by distillation: the trainer, its config and the teacher cache."""

@@ -1,0 +1,1 @@
+"""The energy matrix: gate gradients, curvature estimators, the artifact, resume and distributed passes."""

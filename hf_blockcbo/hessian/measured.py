@@ -1,0 +1,325 @@
+"""The ``measured`` curvature: a pairwise expansion of the *measured* damage of removing blocks, forward passes only.
+
+With D(x) the mean per-token KL divergence from the unpruned model's next-token distribution to the gated model's
+(blocks with x_i = 1 switched off), the energy matrix is
+
+    Q_ii = D(e_i),    Q_ij = ½·(D(e_i + e_j) − D(e_i) − D(e_j)),
+
+so xᵀQx equals D exactly for every single and every pair removal, and sums pairwise interactions for larger sets.
+Pairs are measured among the ``pairs`` blocks whose single removal hurts least (all blocks when ``pairs`` is None);
+an unmeasured pair interacts by 0 (additive). The cross-entropy increase on the data's next tokens is measured by
+the same forwards and kept beside it (``damage="ce"`` builds Q from it instead).
+
+Many configurations run per forward: the calibration batch is repeated once per configuration and the gates take
+one row of values per repeated sample; the blocks before a configuration's first removed block are not recomputed
+(their output, the unpruned model's, is replayed from the reference pass). Configurations per forward are capped so
+the logits stay near 1 GB (a 262k vocabulary), and the KL needs no log-softmax of the gated logits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data import CalibrationSet
+from ..errors import BlockCBOError
+from ..surgery.gates import BlockGates
+from .gradients import frozen_eval
+
+
+logger = logging.getLogger(__name__)
+
+DAMAGES = ("kl", "ce")
+_LOGIT_BYTES = 1.0e9  # logits held per forward (rows × tokens × vocabulary × 4 bytes)
+
+
+@dataclass
+class MeasuredDamage:
+    """Per-sample damage of every measured configuration.
+
+    Args:
+        single (`dict[str, torch.Tensor]`): metric → ``[m, N]``, sample s, block i removed alone.
+        pair (`dict[str, torch.Tensor]`): metric → ``[m, N, N]``, blocks i and j removed together (NaN: not measured).
+        pair_blocks (`list[int]`): the blocks among which every pair was measured.
+        configurations (`int`): configurations evaluated; ``tokens`` (`int`): model tokens processed in all.
+    """
+
+    single: dict[str, torch.Tensor]
+    pair: dict[str, torch.Tensor]
+    pair_blocks: list[int]
+    configurations: int
+    tokens: int
+    seconds: float
+
+    def per_sample_energy(self, damage: str = "kl") -> torch.Tensor:
+        """``[m, N, N]``: each sample's Q (diagonal its single damages, off-diagonal half its pair interactions)."""
+        if damage not in DAMAGES:
+            raise BlockCBOError(f"damage must be one of {', '.join(DAMAGES)}, got {damage!r}")
+        single, pair = self.single[damage].double(), self.pair[damage].double()
+        q = 0.5 * (pair - single[:, :, None] - single[:, None, :])
+        q = torch.nan_to_num(q, nan=0.0)
+        index = torch.arange(single.shape[1])
+        q[:, index, index] = single
+        return q
+
+
+def _valid_targets(mask: torch.Tensor) -> torch.Tensor:
+    return (mask[:, 1:] * mask[:, :-1]).bool()
+
+
+@dataclass
+class Reference:
+    """The unpruned model on one batch: next-token probabilities, their negative entropy, per-sample cross-entropy,
+    and the input hidden state of every block (the shared prefix of every configuration)."""
+
+    probs: torch.Tensor  # [b, T-1, V]
+    neg_entropy: torch.Tensor  # [b, T-1]: Σ_v p log p
+    ce: torch.Tensor  # [b]
+    block_inputs: list[torch.Tensor]
+    block_output_is_tuple: bool
+
+
+@torch.no_grad()
+def reference_pass(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, mask: torch.Tensor) -> Reference:
+    inputs: dict[int, torch.Tensor] = {}
+    kinds: list[bool] = []
+
+    def pre(index):
+        def hook(module, args, kwargs):
+            inputs[index] = args[0] if args else kwargs["hidden_states"]
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(pre(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    handles.append(layers[0].register_forward_hook(lambda m, a, out: kinds.append(isinstance(out, tuple))))
+    try:
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+    finally:
+        for handle in handles:
+            handle.remove()
+    logp = torch.log_softmax(logits, dim=-1)
+    del logits
+    probs = logp.exp()
+    neg_entropy = (probs * logp).sum(-1)
+    valid = _valid_targets(mask)
+    picked = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    ce = (picked * valid).sum(1) / valid.sum(1).clamp_min(1)
+    return Reference(probs, neg_entropy, ce, [inputs[i] for i in range(len(layers))], kinds[0])
+
+
+class _Replay(nn.Module):
+    """Stands in for a block before the first removed one: returns that block's cached unpruned input."""
+
+    def __init__(self, hidden: torch.Tensor, as_tuple: bool, like: nn.Module):
+        super().__init__()
+        # plain attributes the decoder loop may read off a layer (attention_type, layer_idx, ...)
+        for name, value in vars(like).items():
+            if not name.startswith("_") and isinstance(value, (str, int, float, bool, type(None))):
+                setattr(self, name, value)
+        self.hidden, self.as_tuple = hidden, as_tuple
+
+    def forward(self, *args, **kwargs):
+        return (self.hidden,) if self.as_tuple else self.hidden
+
+
+@contextlib.contextmanager
+def shared_prefix(layers: nn.ModuleList, first: int, hidden: torch.Tensor, as_tuple: bool):
+    """Blocks ``0..first-1`` replaced by a replay of block ``first``'s input (they are unchanged in every configuration
+    of the group, so their output is known); restored on exit."""
+    saved = [layers[i] for i in range(first)]
+    try:
+        for i in range(first):
+            layers[i] = _Replay(hidden, as_tuple, saved[i])
+        yield
+    finally:
+        for i, layer in enumerate(saved):
+            layers[i] = layer
+
+
+@torch.no_grad()
+def configuration_damage(
+    model: nn.Module,
+    gates: BlockGates,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    configurations: Sequence[Sequence[int]],
+    reference: Reference,
+    share_prefix: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(KL ``[b, c]``, CE increase ``[b, c]``) of each configuration (blocks switched off) on each sample, in one forward
+    over the batch repeated ``c`` times with one row of gate values per repeated sample.
+
+    With ``share_prefix`` the blocks before the first removed block of all ``configurations`` are not recomputed.
+    KL(p ‖ q) per token is Σ p log p − Σ p·z + logsumexp(z) with z the gated logits: no log-softmax is materialised.
+    """
+    b, c = ids.shape[0], len(configurations)
+    values = torch.ones(c, b, gates.num_blocks)
+    for k, removed in enumerate(configurations):
+        values[k, :, list(removed)] = 0.0
+    first = min(min(removed) for removed in configurations) if share_prefix else 0
+    context = (
+        shared_prefix(
+            gates.layers, first, reference.block_inputs[first].repeat(c, 1, 1), reference.block_output_is_tuple
+        )
+        if first > 0
+        else contextlib.nullcontext()
+    )
+    gates.set(values.view(c * b, -1))
+    try:
+        with context:
+            logits = model(input_ids=ids.repeat(c, 1), attention_mask=mask.repeat(c, 1), use_cache=False).logits
+    finally:
+        gates.set(None)
+    valid = _valid_targets(mask).to(torch.float64)
+    counts = valid.sum(1).clamp_min(1)
+    kl = torch.empty(b, c, dtype=torch.float64)
+    ce = torch.empty(b, c, dtype=torch.float64)
+    for k in range(c):
+        z = logits[k * b : (k + 1) * b, :-1].float()
+        lse = torch.logsumexp(z, dim=-1)
+        token_kl = (reference.neg_entropy - (reference.probs * z).sum(-1) + lse).double()
+        token_ce = (lse - z.gather(-1, ids[:, 1:, None]).squeeze(-1)).double()
+        kl[:, k] = (token_kl * valid).sum(1) / counts
+        ce[:, k] = (token_ce * valid).sum(1) / counts - reference.ce.double()
+    return kl.clamp_min(0.0), ce
+
+
+def _chunks(configurations: list[tuple[int, ...]], per_forward: int):
+    """Configurations grouped by their first removed block (so a forward shares the longest prefix), then chunked."""
+    groups: dict[int, list[tuple[int, ...]]] = {}
+    for config in configurations:
+        groups.setdefault(min(config), []).append(config)
+    for first in sorted(groups):
+        group = groups[first]
+        for lo in range(0, len(group), per_forward):
+            yield group[lo : lo + per_forward]
+
+
+def prefix_sharing_agrees(model, gates, calibration: CalibrationSet) -> bool:
+    """Whether replaying the prefix gives the full forward's damage for a late single removal on one sample (a model
+    whose decoder loop needs more of its layers than their output is measured without sharing)."""
+    device = next(model.parameters()).device
+    ids, mask = calibration.input_ids[:1].to(device), calibration.attention_mask[:1].to(device)
+    reference = reference_pass(model, gates.layers, ids, mask)
+    late = [(gates.num_blocks - 1,)]
+    try:
+        shared = configuration_damage(model, gates, ids, mask, late, reference, share_prefix=True)
+    except Exception as err:  # noqa: BLE001 - any failure means: do not share on this model
+        logger.warning("shared-prefix forward failed (%s); measuring with full forwards", err)
+        return False
+    full = configuration_damage(model, gates, ids, mask, late, reference, share_prefix=False)
+    agrees = all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(shared, full, strict=True))
+    if not agrees:
+        logger.warning("shared-prefix forward differs from the full forward on this model; measuring without it")
+    return agrees
+
+
+def rows_per_forward(model: nn.Module, seq_len: int) -> int:
+    """Repeated samples one forward may hold so its logits stay near ``_LOGIT_BYTES`` (a 262k vocabulary)."""
+    head = model.get_output_embeddings()
+    vocab = head.weight.shape[0] if head is not None else 1
+    return max(1, int(_LOGIT_BYTES // (seq_len * vocab * 4)))
+
+
+def _measure(model, gates, calibration, configurations, batch_size, bar, share_prefix=True):
+    m = len(calibration)
+    rows = rows_per_forward(model, calibration.seq_len)
+    device = next(model.parameters()).device
+    column = {config: k for k, config in enumerate(configurations)}
+    kl = torch.empty(m, len(configurations), dtype=torch.float64)
+    ce = torch.empty(m, len(configurations), dtype=torch.float64)
+    for start, ids, mask in calibration.batches(batch_size):
+        ids, mask = ids.to(device), mask.to(device)
+        reference = reference_pass(model, gates.layers, ids, mask)
+        per_forward = max(1, rows // ids.shape[0])
+        stop = start + ids.shape[0]
+        for chunk in _chunks(configurations, per_forward):
+            k, c = configuration_damage(model, gates, ids, mask, chunk, reference, share_prefix)
+            columns = [column[config] for config in chunk]
+            kl[start:stop, columns] = k
+            ce[start:stop, columns] = c
+            bar.update(len(chunk) * ids.shape[0])
+    return kl, ce
+
+
+def measure_damage(
+    model: nn.Module,
+    calibration: CalibrationSet,
+    gate: str = "auto",
+    batch_size: int = 8,
+    pairs: int | None = None,
+    progress: bool = True,
+    log=print,
+    share_prefix: bool = True,
+) -> MeasuredDamage:
+    """Measure D for every single removal, then for every pair among the ``pairs`` least damaging blocks.
+
+    Args:
+        model (`nn.Module`): a transformers causal LM (left as it was).
+        calibration (`CalibrationSet`): the samples the damage is averaged over.
+        gate (`str`, defaults to `"auto"`): gate kind.
+        batch_size (`int`, defaults to 8): calibration samples per forward (each repeated once per configuration).
+        pairs (`int`, *optional*): measure pairs among this many blocks (those with the lowest single KL);
+            None or ≥ N: all pairs.
+        log: where each phase's cost is reported (one line per phase).
+        share_prefix (`bool`, defaults to `True`): do not recompute the blocks before a configuration's first
+            removed block (their output is the unpruned model's, cached by the reference pass).
+    """
+    if len(calibration) == 0:
+        raise BlockCBOError("the calibration set is empty; give at least one sample")
+    if pairs is not None and pairs < 0:
+        raise BlockCBOError(f"measured_pairs must be >= 0, got {pairs!r}")
+    began = time.perf_counter()
+    tokens_per_config = int(calibration.attention_mask.sum())
+    with frozen_eval(model), BlockGates(model, gate=gate) as gates:
+        n = gates.num_blocks
+        share_prefix = share_prefix and prefix_sharing_agrees(model, gates, calibration)
+        singles = [(i,) for i in range(n)]
+        bar = tqdm(
+            total=n * len(calibration), desc="measured damage: singles", unit="cfg·sample", disable=not progress
+        )
+        single_kl, single_ce = _measure(model, gates, calibration, singles, batch_size, bar, share_prefix)
+        bar.close()
+        phase1 = time.perf_counter() - began
+        log(
+            f"measured damage: {n} single removals × {len(calibration)} samples "
+            f"({n * tokens_per_config} tokens) in {phase1:.1f} s"
+        )
+        order = single_kl.mean(0).argsort().tolist()
+        pair_blocks = sorted(order if pairs is None or pairs >= n else order[:pairs])
+        pair_list = list(itertools.combinations(pair_blocks, 2))
+        pair_kl = torch.full((len(calibration), n, n), float("nan"), dtype=torch.float64)
+        pair_ce = pair_kl.clone()
+        if pair_list:
+            bar = tqdm(
+                total=len(pair_list) * len(calibration),
+                desc="measured damage: pairs",
+                unit="cfg·sample",
+                disable=not progress,
+            )
+            kl, ce = _measure(model, gates, calibration, pair_list, batch_size, bar, share_prefix)
+            bar.close()
+            for k, (i, j) in enumerate(pair_list):
+                pair_kl[:, i, j] = pair_kl[:, j, i] = kl[:, k]
+                pair_ce[:, i, j] = pair_ce[:, j, i] = ce[:, k]
+        log(
+            f"measured damage: {len(pair_list)} pairs among {len(pair_blocks)} blocks "
+            f"({len(pair_list) * tokens_per_config} tokens) in {time.perf_counter() - began - phase1:.1f} s"
+        )
+    configurations = n + len(pair_list)
+    return MeasuredDamage(
+        single={"kl": single_kl, "ce": single_ce},
+        pair={"kl": pair_kl, "ce": pair_ce},
+        pair_blocks=pair_blocks,
+        configurations=configurations,
+        tokens=(configurations + 2) * tokens_per_config,
+        seconds=time.perf_counter() - began,
+    )

@@ -1,0 +1,1 @@
+"""Publishing: model cards, pushes and artifacts on the Hugging Face Hub."""

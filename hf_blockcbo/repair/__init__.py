@@ -1,0 +1,1 @@
+"""Repair without training: least-squares maps folded into the weights."""

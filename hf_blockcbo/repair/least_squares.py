@@ -1,0 +1,489 @@
+"""Repair without training: a least-squares map per removed run of blocks, folded into an existing weight.
+
+For a run of removed blocks ``[start, stop)`` let ``u`` be the last additive contribution to the residual stream
+before the gap (the output of block ``start − 1``'s last branch, or the token embeddings when ``start = 0``), ``h``
+the stream after the gap in the pruned model and ``g`` the unpruned model's stream at the same place. Removal leaves
+``h = b + u`` with ``b = h − u``; the repair replaces ``u`` by ``u·T`` with
+
+    T = argmin Σ_tokens ‖g − b − u·T‖² + λ‖T − I‖²  =  (UᵀU + λI)⁻¹ (Uᵀ(G − B) + λI)     (ridge least squares)
+
+accumulated in float64 over calibration tokens in one pass per run (λ = ``ridge`` × the mean of diag(UᵀU)). The
+ridge shrinks T towards the identity, i.e. towards the unrepaired model, not towards zero. Runs are
+fitted in order, each on the model with the earlier runs removed and repaired. Because ``u`` is the output of a linear
+layer, ``u·T`` folds into that layer (``W ← TᵀW``, ``b ← b·T``): the checkpoint keeps its architecture and loads in
+plain transformers. Families whose branch ends in an RMS norm (Gemma 2/3: ``u = x̂(y)·γ``) fit ``u ↦ x̂(y)·R·diag(s)``
+with ``R`` orthogonal and ``s`` a scale instead: ``x̂(y·R) = x̂(y)·R``, so ``R`` folds into the projection before the
+norm and ``s`` into the norm's weight (alternating: ``s`` in closed form, ``R`` by orthogonal Procrustes). This is the idea of ReplaceMe (arXiv 2505.02819) and LinearPatch (arXiv 2505.24680), extended to
+any set of removed blocks.
+
+```python
+repair = fit_repair(model, removed=[10, 11, 20], calibration=samples)
+with repair.applied(model):          # hooks: the gated model as if repaired (no copy)
+    ...
+repair.fold_into(model)              # weights rewritten; then remove_blocks(model, [10, 11, 20])
+```
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data import CalibrationSet
+from ..errors import BlockCBOError
+from ..hessian.gradients import frozen_eval
+from ..surgery.architectures import ArchitectureSpec, get_architecture, get_layers
+from ..surgery.gates import BlockGates
+
+
+REPAIR_KINDS = ("linear", "diagonal", "rotation")
+_OUTPUT_PROJECTIONS = ("down_proj", "dense_4h_to_h", "c_proj", "out_proj", "o_proj", "fc2")
+_SHARED_EXPERTS = ("shared_expert", "shared_experts")
+
+
+# -- where a block's last contribution comes from ------------------------------------------------------------------
+def removed_runs(removed: Sequence[int]) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive removed blocks as ``(start, stop)`` pairs, in order."""
+    runs: list[tuple[int, int]] = []
+    for block in sorted(set(int(b) for b in removed)):
+        if runs and runs[-1][1] == block:
+            runs[-1] = (runs[-1][0], block + 1)
+        else:
+            runs.append((block, block + 1))
+    return runs
+
+
+def _embeddings_tied(model: nn.Module) -> bool:
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    return outputs is not None and inputs is not None and outputs.weight is inputs.weight
+
+
+def check_repairable(model: nn.Module, removed: Sequence[int], spec: ArchitectureSpec | None = None) -> str:
+    """The repair kind for ``model`` (``linear``, ``diagonal`` or ``rotation``), or one clear error; runs no forward
+    pass."""
+    spec = spec or get_architecture(model)
+    if spec.repair not in REPAIR_KINDS or not spec.branches:
+        raise BlockCBOError(
+            f"the {spec.name!r} architecture does not say where a block's last residual contribution is, so a repair "
+            "map cannot be folded into it; do without the repair (`repair=false`) or register the family's branches"
+        )
+    runs = removed_runs(removed)
+    if runs and runs[0][0] == 0 and _embeddings_tied(model):
+        raise BlockCBOError(
+            "block 0 is removed and the token embeddings are tied to the LM head, so the repair map cannot be folded "
+            "into the embeddings without changing the output layer; protect block 0 (`protected`) or do without the "
+            "repair (`repair=false`)"
+        )
+    return spec.repair
+
+
+def contribution_module(model: nn.Module, source: int, spec: ArchitectureSpec | None = None) -> nn.Module:
+    """The module whose output is the last addition to the stream by block ``source`` (−1: the token embeddings)."""
+    spec = spec or get_architecture(model)
+    if source < 0:
+        return model.get_input_embeddings()
+    block = get_layers(model, spec)[source]
+    for name in reversed(spec.branches):
+        module = getattr(block, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise BlockCBOError(f"block {source} ({type(block).__name__}) has none of the branches {spec.branches}")
+
+
+# -- the fitted maps -----------------------------------------------------------------------------------------------
+@dataclass
+class RepairMap:
+    """The map of one removed run: ``u ↦ u·T`` on the contribution of block ``source`` (−1: embeddings).
+
+    ``error_before`` / ``error_after``: ‖g − h‖² / ‖g‖² over the calibration tokens, unrepaired and repaired.
+    """
+
+    start: int
+    stop: int
+    source: int
+    matrix: torch.Tensor  # [d, d] (linear, rotation) or [d] (diagonal), float64
+    error_before: float
+    error_after: float
+    kind: str = "linear"
+    scale: torch.Tensor | None = None  # rotation: the new post-norm scale s (the norm computes x̂·s)
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": self.kind,
+            "removed": list(range(self.start, self.stop)),
+            "mapped_into": "embeddings" if self.source < 0 else f"block {self.source}",
+            "fit_error_before": self.error_before,
+            "fit_error_after": self.error_after,
+        }
+
+
+@dataclass
+class Repair:
+    """Every run's map, fitted in order, and how they were fitted."""
+
+    removed: list[int]
+    kind: str
+    ridge: float
+    tokens: int
+    maps: list[RepairMap] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": self.kind,
+            "ridge": self.ridge,
+            "tokens": self.tokens,
+            "seconds": round(self.seconds, 3),
+            "runs": [m.to_dict() for m in self.maps],
+        }
+
+    @contextlib.contextmanager
+    def applied(self, model: nn.Module, spec: ArchitectureSpec | None = None) -> Iterator[None]:
+        """Hooks that map each source contribution by its ``T`` for the duration (the model's weights untouched)."""
+        handles = [_attach_map(model, m, spec) for m in self.maps]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def fold_into(self, model: nn.Module, spec: ArchitectureSpec | None = None) -> None:
+        """Rewrite the source weights so the model computes ``u·T`` without hooks; all or nothing."""
+        spec = spec or get_architecture(model)
+        saved = {name: p.detach().clone() for name, p in model.named_parameters()}
+        try:
+            for m in self.maps:
+                _fold(model, m, spec)
+        except BaseException:
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    p.copy_(saved[name])
+            raise
+
+
+def _apply(tensor: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    matrix = matrix.to(device=tensor.device, dtype=tensor.dtype)
+    return tensor * matrix if matrix.dim() == 1 else tensor @ matrix
+
+
+def _norm_eps(module: nn.Module) -> float:
+    for name in ("eps", "variance_epsilon"):
+        if isinstance(getattr(module, name, None), float):
+            return getattr(module, name)
+    raise BlockCBOError(f"{type(module).__name__} keeps no eps; a rotation repair needs an RMS norm")
+
+
+def _rms_normalise(x: torch.Tensor, eps: float) -> torch.Tensor:
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _attach_map(model: nn.Module, repair_map: RepairMap, spec: ArchitectureSpec | None):
+    module = contribution_module(model, repair_map.source, spec)
+    if repair_map.kind == "rotation":  # the post-norm recomputed: x̂(y·R)·s (x̂(yR) = x̂(y)R for orthogonal R)
+        eps = _norm_eps(module)
+
+        def rotated(mod, args, output):
+            y = args[0]
+            z = _rms_normalise(y, eps) @ repair_map.matrix.to(y.device, torch.float32)
+            return (z * repair_map.scale.to(y.device, torch.float32)).type_as(y)
+
+        return module.register_forward_hook(rotated)
+
+    def hook(mod, args, output):
+        if isinstance(output, torch.Tensor):
+            return _apply(output, repair_map.matrix)
+        return (_apply(output[0], repair_map.matrix),) + tuple(output[1:])
+
+    return module.register_forward_hook(hook)
+
+
+# -- folding -------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def _fold(model: nn.Module, repair_map: RepairMap, spec: ArchitectureSpec) -> None:
+    module = contribution_module(model, repair_map.source, spec)
+    if repair_map.kind in ("diagonal", "rotation"):
+        weight = getattr(module, "weight", None)
+        if weight is None or weight.dim() != 1:
+            raise BlockCBOError(f"cannot fold a {repair_map.kind} map into {type(module).__name__}: no scale vector")
+        offset = spec.norm_weight_offset
+        if repair_map.kind == "diagonal":
+            scale = (weight.double() + offset) * repair_map.matrix.to(weight.device)
+        else:  # R into the norm's input projection, s into its weight
+            _fold_linear(_post_norm_input(model, repair_map.source, spec), repair_map.matrix)
+            scale = repair_map.scale.to(weight.device)
+        weight.copy_((scale - offset).to(weight.dtype))
+        return
+    _fold_linear(module, repair_map.matrix)
+
+
+def _post_norm_input(model: nn.Module, source: int, spec: ArchitectureSpec) -> nn.Module:
+    block = get_layers(model, spec)[source]
+    module = getattr(block, spec.post_norm_input or "", None)
+    if not isinstance(module, nn.Module):
+        raise BlockCBOError(
+            f"the {spec.name!r} spec names no module feeding the post-norm (`post_norm_input`); a rotation repair "
+            "cannot be folded"
+        )
+    return module
+
+
+def _fold_linear(module: nn.Module, matrix: torch.Tensor) -> None:
+    from transformers.pytorch_utils import Conv1D
+
+    T = matrix.to(torch.float64)
+    if isinstance(module, nn.Linear):  # y = x Wᵀ + b  →  y T = x (TᵀW)ᵀ + b T
+        module.weight.copy_((T.t().to(module.weight.device) @ module.weight.double()).to(module.weight.dtype))
+        if module.bias is not None:
+            module.bias.copy_((module.bias.double() @ T.to(module.bias.device)).to(module.bias.dtype))
+        return
+    if isinstance(module, Conv1D):  # y = x W + b with W [in, out]
+        module.weight.copy_((module.weight.double() @ T.to(module.weight.device)).to(module.weight.dtype))
+        module.bias.copy_((module.bias.double() @ T.to(module.bias.device)).to(module.bias.dtype))
+        return
+    if isinstance(module, nn.Embedding):
+        module.weight.copy_((module.weight.double() @ T.to(module.weight.device)).to(module.weight.dtype))
+        return
+    for name in _OUTPUT_PROJECTIONS:
+        child = getattr(module, name, None)
+        if isinstance(child, (nn.Linear, Conv1D)):
+            _fold_linear(child, T)
+            return
+    experts = getattr(module, "experts", None)
+    if experts is not None:
+        latent = getattr(module, "fc2_latent_proj", None)
+        if isinstance(latent, nn.Linear):
+            _fold_linear(latent, T)
+        else:
+            _fold_experts(experts, T)
+        for name in _SHARED_EXPERTS:
+            shared = getattr(module, name, None)
+            if isinstance(shared, nn.Module):
+                _fold_linear(shared, T)
+        return
+    raise BlockCBOError(
+        f"cannot fold a repair map into {type(module).__name__}: no output projection found "
+        f"(looked for {', '.join(_OUTPUT_PROJECTIONS)} and experts); do without the repair (`repair=false`)"
+    )
+
+
+def _fold_experts(experts: nn.Module, T: torch.Tensor) -> None:
+    if isinstance(experts, nn.ModuleList):
+        for expert in experts:
+            _fold_linear(expert, T)
+        return
+    down = getattr(experts, "down_proj", None)
+    if not isinstance(down, nn.Parameter) or down.dim() != 3:
+        raise BlockCBOError(f"cannot fold a repair map into the experts of {type(experts).__name__}")
+    T = T.to(down.device)
+    if getattr(experts, "is_transposed", False):  # [E, inter, d]: y = x W
+        down.copy_((down.double() @ T).to(down.dtype))
+    else:  # [E, d, inter]: y = x Wᵀ
+        down.copy_((T.t() @ down.double()).to(down.dtype))
+    bias = getattr(experts, "down_proj_bias", None)
+    if isinstance(bias, nn.Parameter):
+        bias.copy_((bias.double() @ T).to(bias.dtype))
+
+
+# -- fitting -------------------------------------------------------------------------------------------------------
+class _Stop(Exception):
+    """Raised by a hook once the stream after the gap is captured: the rest of the model is not run."""
+
+
+def _first(output) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output[0]
+
+
+@dataclass
+class _Normal:
+    """Normal equations of one run, float64."""
+
+    uu: torch.Tensor
+    ur: torch.Tensor
+    rr: float = 0.0
+    gg: float = 0.0
+    tokens: int = 0
+
+
+def _capture_streams(model, layers, indices: list[int], ids, mask) -> dict[int, torch.Tensor]:
+    """Run ``model`` until the last of ``indices`` and return each block's output (the stream after it)."""
+    captured: dict[int, torch.Tensor] = {}
+    last = max(indices)
+
+    def hook_for(index):
+        def hook(module, args, output):
+            captured[index] = _first(output).detach()
+            if index == last:
+                raise _Stop
+
+        return hook
+
+    handles = [layers[i].register_forward_hook(hook_for(i)) for i in sorted(set(indices))]
+    try:
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def _capture_contribution(model, layers, module, index: int, ids, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``model`` until block ``index``: the output of ``module`` (the contribution) and the stream after it."""
+    captured = {}
+
+    def grab(mod, args, output):
+        captured["u"] = _first(output).detach().clone()  # cloned: some blocks add to it in place (Falcon)
+        captured["y"] = args[0].detach() if args and isinstance(args[0], torch.Tensor) else None
+
+    def stop(mod, args, output):
+        captured["h"] = _first(output).detach()
+        raise _Stop
+
+    handles = [module.register_forward_hook(grab), layers[index].register_forward_hook(stop)]
+    try:
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured["u"], captured["h"], captured["y"]
+
+
+def _solve(normal: _Normal, kind: str, ridge: float) -> tuple[torch.Tensor, float, float]:
+    """The ridge solution shrunk towards the identity (λ large: no repair) and the fit errors before and after."""
+    uu, ur = normal.uu, normal.ur
+    diag_uu, diag_ur = torch.diagonal(uu), torch.diagonal(ur)
+    lam = ridge * float(diag_uu.mean())
+    before = normal.rr - 2 * float(diag_ur.sum()) + float(diag_uu.sum())  # T = I
+    if kind == "diagonal":
+        t = (diag_ur + lam) / (diag_uu + lam)
+        after = normal.rr - 2 * float((t * diag_ur).sum()) + float((t * t * diag_uu).sum())
+        return t, before, after
+    eye = torch.eye(uu.shape[0], dtype=uu.dtype)
+    T = torch.linalg.solve(uu + lam * eye, ur + lam * eye)
+    after = normal.rr - 2 * float((T * ur).sum()) + float((T * (uu @ T)).sum())
+    return T, before, after
+
+
+def _solve_rotation(normal: _Normal, gamma: torch.Tensor, ridge: float, rounds: int = 25):
+    """min ‖R − x̂(y)·Rot·diag(s)‖² over orthogonal Rot and scale s (alternating: s in closed form, Rot by
+    Procrustes on the cross term), shrunk towards (I, γ) = no repair; the best pair seen and the errors."""
+    zz, zr, rr = normal.uu, normal.ur, normal.rr
+    d = zz.shape[0]
+    eye = torch.eye(d, dtype=zz.dtype)
+    lam = ridge * float(torch.diagonal(zz).mean())
+
+    def error(rot, scale):
+        cross = torch.diagonal(rot.t() @ zr)
+        power = torch.diagonal(rot.t() @ zz @ rot)
+        return rr - 2 * float((scale * cross).sum()) + float((scale * scale * power).sum())
+
+    before = error(eye, gamma)
+    best = (before, eye, gamma)
+    rot = eye
+    for _ in range(rounds):
+        scale = (torch.diagonal(rot.t() @ zr) + lam * gamma) / (torch.diagonal(rot.t() @ zz @ rot) + lam)
+        value = error(rot, scale)
+        if value < best[0]:
+            best = (value, rot, scale)
+        u, _, vh = torch.linalg.svd(zr * scale + lam * float(scale.abs().mean()) * eye)
+        rot = u @ vh
+    return best[1], best[2], before, best[0]
+
+
+def fit_repair(
+    model: nn.Module,
+    removed: Sequence[int],
+    calibration: CalibrationSet,
+    ridge: float = 0.3,
+    batch_size: int = 8,
+    gate: str = "auto",
+    progress: bool = False,
+) -> Repair:
+    """Fit one map per removed run (see the module docstring); the model is left exactly as it was.
+
+    Args:
+        model (`nn.Module`): the unpruned causal LM (blocks are switched off with gates while fitting).
+        removed (`Sequence[int]`): the blocks that will be removed.
+        calibration (`CalibrationSet`): the tokens the maps are fitted on; at least the hidden size of them.
+        ridge (`float`, *optional*, defaults to 0.3): λ relative to the mean of diag(UᵀU); it shrinks T towards the
+            identity (no repair). 0.3 repaired held-out text of another domain best on SmolLM2 (docs/results.md).
+    """
+    began = time.perf_counter()
+    spec = get_architecture(model)
+    kind = check_repairable(model, removed, spec)
+    if not ridge >= 0:
+        raise BlockCBOError(f"repair_ridge must be >= 0, got {ridge!r}")
+    hidden = model.get_input_embeddings().weight.shape[-1]
+    valid_tokens = int(calibration.attention_mask.sum()) if len(calibration) else 0
+    if valid_tokens < hidden:
+        raise BlockCBOError(
+            f"repair fits a {hidden}×{hidden} map per run and needs at least {hidden} calibration tokens, got "
+            f"{valid_tokens}; raise `repair_samples` or `seq_len`"
+        )
+    layers = get_layers(model, spec)
+    device = next(model.parameters()).device
+    repair = Repair(removed=sorted(set(int(b) for b in removed)), kind=kind, ridge=ridge, tokens=valid_tokens)
+    runs = removed_runs(removed)
+    bar = tqdm(total=(len(runs) + 1) * len(calibration), desc="fitting repair maps", disable=not progress, leave=False)
+    with frozen_eval(model), torch.no_grad():
+        # the unpruned stream after every gap, one pass (kept on the CPU in float32, valid tokens only)
+        targets: list[list[torch.Tensor]] = [[] for _ in runs]
+        for _, ids, mask in calibration.batches(batch_size):
+            streams = _capture_streams(model, layers, [stop - 1 for _, stop in runs], ids.to(device), mask.to(device))
+            keep = mask.reshape(-1).bool()
+            for j, (_, stop) in enumerate(runs):
+                targets[j].append(streams[stop - 1].reshape(-1, hidden)[keep.to(device)].float().cpu())
+            bar.update(ids.shape[0])
+        for j, (start, stop) in enumerate(runs):
+            source = start - 1
+            module = contribution_module(model, source, spec)
+            run_kind = kind if source >= 0 else "linear"  # a gap at block 0 maps the (untied) embeddings
+            normal = _Normal(
+                uu=torch.zeros(hidden, hidden, dtype=torch.float64),
+                ur=torch.zeros(hidden, hidden, dtype=torch.float64),
+            )
+            with repair.applied(model, spec), BlockGates(model, gate=gate, spec=spec) as gates:
+                gates.set_removed(repair.removed)
+                for b, (_, ids, mask) in enumerate(calibration.batches(batch_size)):
+                    keep = mask.reshape(-1).bool().to(device)
+                    u, h, y = _capture_contribution(model, layers, module, stop - 1, ids.to(device), mask.to(device))
+                    g = targets[j][b].double()
+                    u = u.reshape(-1, hidden)[keep].double().cpu()
+                    r = g - (h.reshape(-1, hidden)[keep].double().cpu() - u)
+                    if run_kind == "rotation":  # regress on the normalised input of the post-norm instead
+                        u = _rms_normalise(y, _norm_eps(module)).reshape(-1, hidden)[keep].double().cpu()
+                    if not (torch.isfinite(u).all() and torch.isfinite(r).all()):
+                        raise BlockCBOError(
+                            f"the activations around removed blocks {start}..{stop - 1} are not finite (NaN or "
+                            "inf); load the model in float32 (`dtype`) or check the weights"
+                        )
+                    normal.uu += u.t() @ u
+                    normal.ur += u.t() @ r
+                    normal.rr += float((r * r).sum())
+                    normal.gg += float((g * g).sum())
+                    normal.tokens += u.shape[0]
+                    bar.update(ids.shape[0])
+            targets[j] = []
+            scale = None
+            if run_kind == "rotation":
+                gamma = module.weight.detach().double().cpu() + spec.norm_weight_offset
+                matrix, scale, before, after = _solve_rotation(normal, gamma, ridge)
+            else:
+                matrix, before, after = _solve(normal, run_kind, ridge)
+            total = max(normal.gg, 1e-30)
+            repair.maps.append(
+                RepairMap(start, stop, source, matrix, before / total, max(after, 0.0) / total, run_kind, scale)
+            )
+    bar.close()
+    repair.seconds = time.perf_counter() - began
+    return repair

@@ -1,0 +1,1 @@
+"""Choosing blocks: baseline scorers, validation selection, comparison and diagnosis."""

@@ -1,0 +1,243 @@
+"""Does the energy predict the damage? Measure it: the true damage of the top-K states and of random states, rank
+correlations between energy and measured damage, bootstrap stability of the ground state, and a plot.
+
+The damage of a state is measured gate-masked on held-out samples (no model copy): the mean per-token KL from the
+unpruned model's next-token distribution to the pruned one, and the perplexity; many states run per forward
+(:func:`hf_blockcbo.hessian.measured.configuration_damage`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import BlockRemovalConfig
+from ..data import CalibrationSet
+from ..errors import BlockCBOError
+from ..hessian.artifact import HessianArtifact
+from ..hessian.gradients import frozen_eval
+from ..hessian.measured import configuration_damage, reference_pass, rows_per_forward
+from ..io_utils import atomic_file
+from ..solvers.dispatch import solve_artifact
+from ..surgery.gates import BlockGates
+
+
+@dataclass
+class StateDamage:
+    """Measured damage of removal states on one held-out set: mean per-token KL and perplexity per state."""
+
+    kl: list[float]
+    perplexity: list[float]
+    unpruned_perplexity: float
+
+
+@torch.no_grad()
+def measure_states(
+    model: nn.Module,
+    states: Sequence[Sequence[int]],
+    held_out: CalibrationSet,
+    gate: str = "auto",
+    batch_size: int = 8,
+    progress: bool = False,
+) -> StateDamage:
+    """KL to the unpruned model and perplexity of every state (blocks removed), gate-masked, several per forward."""
+    if len(held_out) == 0:
+        raise BlockCBOError("the held-out set is empty")
+    states = [tuple(sorted(int(b) for b in s)) for s in states]
+    device = next(model.parameters()).device
+    rows = rows_per_forward(model, held_out.seq_len)
+    kl_sum = torch.zeros(len(states), dtype=torch.float64)
+    ce_sum = torch.zeros(len(states), dtype=torch.float64)
+    base_sum, tokens = 0.0, 0
+    bar = tqdm(total=len(states) * len(held_out), desc="measuring states", disable=not progress, leave=False)
+    with frozen_eval(model), BlockGates(model, gate=gate) as gates:
+        for _, ids, mask in held_out.batches(batch_size):
+            ids, mask = ids.to(device), mask.to(device)
+            reference = reference_pass(model, gates.layers, ids, mask)
+            counts = (mask[:, 1:] * mask[:, :-1]).sum(1).double().cpu()
+            base_sum += float((reference.ce.double().cpu() * counts).sum())
+            tokens += int(counts.sum())
+            per_forward = max(1, rows // ids.shape[0])
+            order = sorted(range(len(states)), key=lambda k: min(states[k]) if states[k] else 0)
+            for lo in range(0, len(order), per_forward):
+                chunk = order[lo : lo + per_forward]
+                configs = [states[k] for k in chunk]
+                if any(not c for c in configs):
+                    raise BlockCBOError("a state removes no block")
+                kl, dce = configuration_damage(model, gates, ids, mask, configs, reference)
+                kl_sum[chunk] += (kl * counts[:, None]).sum(0)
+                ce_sum[chunk] += ((dce + reference.ce.double().cpu()[:, None]) * counts[:, None]).sum(0)
+                bar.update(len(chunk) * ids.shape[0])
+    bar.close()
+    return StateDamage(
+        kl=(kl_sum / tokens).tolist(),
+        perplexity=[math.exp(v) for v in (ce_sum / tokens).tolist()],
+        unpruned_perplexity=math.exp(base_sum / tokens),
+    )
+
+
+def rank_correlations(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
+    """(Spearman, Kendall τ-b) of two sequences; NaN where undefined."""
+    from scipy.stats import kendalltau, spearmanr
+
+    if len(x) < 3 or np.std(x) == 0 or np.std(y) == 0:
+        return float("nan"), float("nan")
+    return float(spearmanr(x, y).statistic), float(kendalltau(x, y).statistic)
+
+
+def random_states(num_blocks: int, num_remove: int, count: int, seed: int, protected=()) -> list[tuple[int, ...]]:
+    """``count`` distinct random states (seeded), none touching ``protected``."""
+    pool = [b for b in range(num_blocks) if b not in set(protected)]
+    rng = np.random.default_rng(seed)
+    found: list[tuple[int, ...]] = []
+    limit = math.comb(len(pool), num_remove)
+    while len(found) < min(count, limit):
+        state = tuple(sorted(int(b) for b in rng.choice(pool, size=num_remove, replace=False)))
+        if state not in found:
+            found.append(state)
+    return found
+
+
+def bootstrap_stability(
+    artifact: HessianArtifact, config: BlockRemovalConfig, draws: int = 100, seed: int = 0
+) -> tuple[float, float]:
+    """(share of resamples whose ground state is the full sample's, mean top-K overlap with the full top-K)."""
+    base = solve_artifact(artifact, config).candidates
+    ground, top = base[0].blocks, {c.blocks for c in base}
+    rng = np.random.default_rng(seed)
+    same, overlap = 0, 0.0
+    m = artifact.num_samples
+    for _ in range(draws):
+        rows = rng.integers(0, m, size=m)
+        resampled = HessianArtifact(
+            A=None,
+            Q_samples=artifact.resampled_H(rows)[None],
+            block_names=artifact.block_names,
+            block_kinds=artifact.block_kinds,
+            block_num_parameters=artifact.block_num_parameters,
+            metadata=dict(artifact.metadata),
+        )
+        cands = solve_artifact(resampled, config).candidates
+        same += int(cands[0].blocks == ground)
+        overlap += len({c.blocks for c in cands} & top) / len(top)
+    return same / draws, overlap / draws
+
+
+@dataclass
+class MDiagnosis:
+    num_remove: int
+    states: list[tuple[int, ...]]
+    kinds: list[str]  # "top" (rank r of the spectrum) or "random"
+    energies: list[float]
+    damage: StateDamage
+    spearman: float
+    kendall: float
+    spearman_top: float
+
+
+@dataclass
+class Diagnosis:
+    curvature: str
+    rows: list[MDiagnosis] = field(default_factory=list)
+    bootstrap: dict[int, tuple[float, float]] = field(default_factory=dict)
+
+    def markdown(self) -> str:
+        lines = [
+            f"Curvature `{self.curvature}`: energy vs measured damage (held-out mean per-token KL to the unpruned model)",
+            "",
+            "| M | states (top-K + random) | Spearman | Kendall | Spearman over top-K | ground state | its KL | "
+            "best measured state | its KL | bootstrap: ground state kept | top-K overlap |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in self.rows:
+            best = int(np.argmin(r.damage.kl))
+            boot = self.bootstrap.get(r.num_remove)
+            kept = "" if boot is None else f"{100 * boot[0]:.0f} %"
+            over = "" if boot is None else f"{100 * boot[1]:.0f} %"
+            lines.append(
+                f"| {r.num_remove} | {r.kinds.count('top')} + {r.kinds.count('random')} | {r.spearman:.2f} | "
+                f"{r.kendall:.2f} | {r.spearman_top:.2f} | {list(r.states[0])} | {r.damage.kl[0]:.4f} | "
+                f"{list(r.states[best])} | {r.damage.kl[best]:.4f} | {kept} | {over} |"
+            )
+        return "\n".join(lines) + "\n"
+
+
+def diagnose(
+    model: nn.Module,
+    artifact: HessianArtifact,
+    config: BlockRemovalConfig,
+    held_out: CalibrationSet,
+    removes: Sequence[int],
+    random_count: int = 10,
+    bootstraps: int = 0,
+    progress: bool = False,
+) -> Diagnosis:
+    """For each M: the top-K states of ``artifact`` and ``random_count`` random states, measured on ``held_out``."""
+    diagnosis = Diagnosis(artifact.curvature)
+    for m in removes:
+        cfg = config.replace(num_remove=m)
+        top = [c.blocks for c in solve_artifact(artifact, cfg).candidates]
+        rand = random_states(artifact.num_blocks, m, random_count, config.seed + m, config.protected)
+        rand = [s for s in rand if s not in top]
+        states = list(top) + rand
+        q = artifact.energy_matrix(config.beta).numpy()
+        energies = [float(q[np.ix_(s, s)].sum()) for s in states]
+        damage = measure_states(model, states, held_out, config.gate, config.batch_size, progress)
+        rho, tau = rank_correlations(energies, damage.kl)
+        rho_top, _ = rank_correlations(energies[: len(top)], damage.kl[: len(top)])
+        kinds = ["top"] * len(top) + ["random"] * len(rand)
+        diagnosis.rows.append(MDiagnosis(m, states, kinds, energies, damage, rho, tau, rho_top))
+        if bootstraps:
+            diagnosis.bootstrap[m] = bootstrap_stability(artifact, cfg, bootstraps, config.seed)
+    return diagnosis
+
+
+def plot_diagnoses(diagnoses: Sequence[Diagnosis], path: str | os.PathLike, title: str = "") -> Path:
+    """Predicted (energy) vs measured damage, one panel per curvature, one colour per M; random states hollow."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(diagnoses), figsize=(5.2 * len(diagnoses), 4.4), squeeze=False)
+    for ax, diagnosis in zip(axes[0], diagnoses, strict=True):
+        for r in diagnosis.rows:
+            top = [i for i, k in enumerate(r.kinds) if k == "top"]
+            rand = [i for i, k in enumerate(r.kinds) if k == "random"]
+            (dots,) = ax.plot(
+                [r.energies[i] for i in top],
+                [r.damage.kl[i] for i in top],
+                "o",
+                ms=4,
+                label=f"M={r.num_remove} ρ={r.spearman:.2f}",
+            )
+            ax.plot(
+                [r.energies[i] for i in rand],
+                [r.damage.kl[i] for i in rand],
+                "o",
+                ms=4,
+                mfc="none",
+                color=dots.get_color(),
+            )
+        ax.set_xlabel(f"energy xᵀQx ({diagnosis.curvature})")
+        ax.set_ylabel("measured held-out KL (nats/token)")
+        ax.set_xscale("symlog", linthresh=1e-4)
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+        ax.set_title(f"{diagnosis.curvature}: filled = top-K, hollow = random", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path

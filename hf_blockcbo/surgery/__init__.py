@@ -1,0 +1,1 @@
+"""Model surgery: gates on the blocks, physical removal, and the architecture registry."""

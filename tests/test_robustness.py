@@ -1,0 +1,84 @@
+"""Bad input: one clear line, exit 2, no traceback, nothing written (the cases a first run of a new user hits)."""
+
+import pytest
+import torch
+
+from hf_blockcbo.commands.cli import main
+
+
+def _files(folder):
+    (folder / "binary.bin").write_bytes(bytes(range(256)) * 16)
+    (folder / "junk.gguf").write_bytes(b"NOTGGUF" + bytes(range(200)))
+    (folder / "bad.yaml").write_text("num_remove: [1, 2\n  bad: : :\n")
+    (folder / "bad.json").write_text('{"num_remove": 2,')
+    (folder / "list.yaml").write_text("- 1\n- 2\n")
+    (folder / "typed.json").write_text('{"num_remove": "two"}')
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(folder / "other.safetensors"))
+    (folder / "trunc.safetensors").write_bytes(b"\x00" * 100)
+
+
+CASES = [
+    ("binary data", ["prune", "--model", "{model}", "--remove", "2", "--data", "{dir}/binary.bin"], "not UTF-8 text"),
+    ("junk gguf", ["prune", "--model", "{dir}/junk.gguf", "--remove", "2"], "cannot read the GGUF file"),
+    ("bad yaml", ["prune", "--model", "{model}", "--config", "{dir}/bad.yaml"], "not valid YAML"),
+    ("bad json", ["prune", "--model", "{model}", "--config", "{dir}/bad.json"], "not valid JSON"),
+    ("yaml list", ["prune", "--model", "{model}", "--config", "{dir}/list.yaml"], "must hold a mapping"),
+    ("wrong type", ["prune", "--model", "{model}", "--config", "{dir}/typed.json"], "--remove must be int"),
+    ("blocks and remove", ["prune", "--model", "{model}", "--blocks", "1,2", "--remove", "3"], "give one of them"),
+    ("rank and blocks", ["prune", "--model", "{model}", "--blocks", "1,2", "--rank", "1"], "give one of them"),
+    ("foreign safetensors", ["solve", "--hessian", "{dir}/other.safetensors", "--remove", "1"], "not an hf_blockcbo"),
+    ("truncated hessian", ["solve", "--hessian", "{dir}/trunc.safetensors", "--remove", "1"], "not a readable"),
+    ("missing model", ["prune", "--model", "{dir}/no-such-model", "--remove", "2"], "cannot load the model"),
+    ("zero blocks", ["prune", "--model", "{model}", "--remove", "0"], "--remove must be a positive integer"),
+]
+
+
+@pytest.mark.parametrize("name, argv, fragment", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_writes_nothing(name, argv, fragment, tiny_model_dir, tmp_path, capsys):
+    _files(tmp_path)
+    out = tmp_path / "out"
+    argv = [a.format(model=tiny_model_dir, dir=tmp_path) for a in argv]
+    if argv[0] == "prune":
+        argv += ["--output", str(out)]
+    capsys.readouterr()
+    assert main(argv) == 2, name
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and fragment in errors[0], (name, err[-2000:])
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+def test_a_malformed_repo_id_is_refused_before_anything_is_read(tiny_model_dir, tmp_path, capsys):
+    pruned = tmp_path / "pruned"
+    assert main(["prune", "--model", str(tiny_model_dir), "--blocks", "1", "--output", str(pruned)]) == 0
+    capsys.readouterr()
+    assert main(["push", "--model", str(pruned), "--repo", "not a repo id!!"]) == 2
+    err = capsys.readouterr().err
+    assert "is not a Hub repository id" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "settings, fragment",
+    [
+        ({"per_kind": {"moe": 1}}, "no blocks of kind"),
+        ({"protected": [0, 1, 2, 3, 4]}, "only 1 of 6 are not protected"),
+        ({"per_kind": {"attention": 2}, "solver": "bnb"}, "takes no per-kind counts"),
+    ],
+)
+def test_infeasible_constraints_are_refused_before_the_hessian_pass(settings, fragment, tiny_model_dir, monkeypatch):
+    import hf_blockcbo.pipeline as pipeline
+    from hf_blockcbo.config import BlockRemovalConfig
+    from hf_blockcbo.errors import BlockCBOError
+    from hf_blockcbo.models import load_model, resolve_model
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the Hessian pass ran before the refusal")
+
+    monkeypatch.setattr(pipeline, "calibrate", no_pass)
+    source = resolve_model(str(tiny_model_dir))
+    model, tokenizer = load_model(source)
+    with pytest.raises(BlockCBOError, match=fragment):
+        pipeline.choose_blocks(model, tokenizer, BlockRemovalConfig(num_remove=2, **settings), source, progress=False)
