@@ -108,7 +108,7 @@ def test_prune_explicit_blocks(tiny_model_dir, tmp_path):
     [
         (["--remove", "6"], "1..5"),
         (["--remove", "0"], "positive"),
-        (["--remove", "2", "--top-k", "0"], "top_k"),
+        (["--remove", "2", "--top-k", "0"], "--top-k must be a positive integer"),
         (["--remove", "2", "--rank", "12"], "rank 12"),
         (["--blocks", "1,x"], "comma-separated"),
     ],
