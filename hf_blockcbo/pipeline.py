@@ -312,15 +312,9 @@ def choose_blocks(
 
 def repaired_candidate(model: nn.Module, tokenizer, config: BlockRemovalConfig):
     """For repair-aware selection: ``candidate -> context`` in which the gated model carries that candidate's repair."""
-    from .repair.least_squares import fit_repair
+    from .repair.least_squares import repair_aware
 
-    data = repair_samples(tokenizer, config)
-
-    def prepare(candidate):
-        repair = fit_repair(model, candidate.blocks, data, config.repair_ridge, config.batch_size, config.gate)
-        return repair.applied(model)
-
-    return prepare
+    return repair_aware(model, repair_samples(tokenizer, config), config.repair_ridge, config.batch_size, config.gate)
 
 
 def repair_model(model: nn.Module, tokenizer, config: BlockRemovalConfig, blocks, progress: bool = False) -> dict:

@@ -7,20 +7,36 @@ from argparse import ArgumentParser
 from .base import BaseCommand, CommandInfo, add_config_flags, parse_int_list
 
 
-def _record(model_dir: str, key: str, value: dict) -> bool:
-    """Add ``key`` to the folder's provenance (atomically); False when the folder has none."""
+def _check_outputs(args, inputs: list) -> None:
+    """Refuse a bad --output or a --record without provenance before the long work."""
+    from pathlib import Path
+
+    from ..errors import BlockCBOError
+    from ..io_utils import check_not_an_input, check_output_file
+    from ..provenance import PROVENANCE_FILE
+
+    if args.output:
+        check_not_an_input(args.output, inputs)
+        check_output_file(args.output, args.overwrite)
+    if args.record and not (Path(args.model) / PROVENANCE_FILE).is_file():
+        raise BlockCBOError(f"{args.model!r} has no {PROVENANCE_FILE}; --record needs a folder from prune")
+
+
+def _write_results(args, key: str, payload: dict) -> None:
+    """--output as JSON; --record: ``payload`` under ``key`` in the folder's provenance (atomically)."""
     from pathlib import Path
 
     from ..io_utils import write_json_atomic
     from ..provenance import PROVENANCE_FILE, Provenance
 
-    path = Path(model_dir) / PROVENANCE_FILE
-    if not path.is_file():
-        return False
-    record = Provenance.from_dir(model_dir).to_dict()
-    record[key] = value
-    write_json_atomic(path, record)
-    return True
+    if args.output:
+        write_json_atomic(args.output, payload)
+        print(f"Wrote {args.output}")
+    if args.record:
+        record = Provenance.from_dir(args.model).to_dict()
+        record[key] = payload
+        write_json_atomic(Path(args.model) / PROVENANCE_FILE, record)
+        print(f"Recorded in {args.model}/{PROVENANCE_FILE}")
 
 
 class EvalCommand(BaseCommand):
@@ -50,7 +66,6 @@ class EvalCommand(BaseCommand):
 
         from ..errors import BlockCBOError
         from ..evaluation.harness import evaluate_tasks, require_lm_eval, split_tasks
-        from ..io_utils import check_not_an_input, check_output_file, write_json_atomic
         from ..models import load_model, resolve_model
 
         args = self.args
@@ -58,11 +73,9 @@ class EvalCommand(BaseCommand):
         split_tasks(args.tasks.split(","))
         if args.limit is not None and args.limit <= 0:
             raise BlockCBOError(f"--limit must be a positive integer, got {args.limit}")
-        if args.output:
-            check_not_an_input(args.output, [args.model, *args.tasks.split(",")])
-            check_output_file(args.output, args.overwrite)
         if args.record and args.gated_blocks:
             raise BlockCBOError("--record stores the folder's own scores; drop --gated-blocks or --record")
+        _check_outputs(args, [args.model, *args.tasks.split(",")])
         gated = parse_int_list(args.gated_blocks) or []
         source = resolve_model(args.model, args.revision)
         model, tokenizer = load_model(source, dtype=args.dtype or "auto")
@@ -84,13 +97,9 @@ class EvalCommand(BaseCommand):
                 f"| {task} | {row.get('acc', float('nan')):.4f} | {row.get('acc_stderr', float('nan')):.4f} | "
                 f"{'' if norm is None else f'{norm:.4f}'} |"
             )
-        if args.output:
-            write_json_atomic(args.output, payload)
-        if args.record:
-            if not _record(args.model, "evaluation", payload):
-                raise BlockCBOError(f"{args.model!r} has no block_removal.json; --record needs a folder from prune")
-            print(f"Recorded in {args.model}/block_removal.json")
-        print(json.dumps(payload) if not args.output else f"Wrote {args.output}")
+        if not args.output:
+            print(json.dumps(payload))
+        _write_results(args, "evaluation", payload)
         return 0
 
 
@@ -120,7 +129,6 @@ class BenchCommand(BaseCommand):
 
         from ..errors import BlockCBOError
         from ..evaluation.speed import benchmark
-        from ..io_utils import check_not_an_input, check_output_file, write_json_atomic
         from ..models import load_model, resolve_model
         from ..provenance import Provenance
 
@@ -130,9 +138,7 @@ class BenchCommand(BaseCommand):
                 raise BlockCBOError(
                     f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}"
                 )
-        if args.output:
-            check_not_an_input(args.output, [args.model, args.baseline])
-            check_output_file(args.output, args.overwrite)
+        _check_outputs(args, [args.model, args.baseline])
         baseline, revision = args.baseline, None
         if baseline is None:
             record = Provenance.from_dir(args.model)  # a clear error when the folder was not written by prune
@@ -153,11 +159,5 @@ class BenchCommand(BaseCommand):
             progress=not args.no_progress,
         )
         print(report.markdown())
-        if args.output:
-            write_json_atomic(args.output, report.to_dict())
-            print(f"Wrote {args.output}")
-        if args.record:
-            if not _record(args.model, "speed", report.to_dict()):
-                raise BlockCBOError(f"{args.model!r} has no block_removal.json; --record needs a folder from prune")
-            print(f"Recorded in {args.model}/block_removal.json")
+        _write_results(args, "speed", report.to_dict())
         return 0

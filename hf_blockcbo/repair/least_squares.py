@@ -308,7 +308,6 @@ class _Normal:
     ur: torch.Tensor
     rr: float = 0.0
     gg: float = 0.0
-    tokens: int = 0
 
 
 def _capture_streams(model, layers, indices: list[int], ids, mask) -> dict[int, torch.Tensor]:
@@ -324,7 +323,13 @@ def _capture_streams(model, layers, indices: list[int], ids, mask) -> dict[int, 
 
         return hook
 
-    handles = [layers[i].register_forward_hook(hook_for(i)) for i in sorted(set(indices))]
+    _forward_until_stop(model, [(layers[i], hook_for(i)) for i in sorted(set(indices))], ids, mask)
+    return captured
+
+
+def _forward_until_stop(model, hooks, ids, mask) -> None:
+    """Run ``model`` with forward ``hooks`` [(module, hook)] attached until one raises `_Stop`; detach them."""
+    handles = [module.register_forward_hook(hook) for module, hook in hooks]
     try:
         model(input_ids=ids, attention_mask=mask, use_cache=False)
     except _Stop:
@@ -332,11 +337,11 @@ def _capture_streams(model, layers, indices: list[int], ids, mask) -> dict[int, 
     finally:
         for handle in handles:
             handle.remove()
-    return captured
 
 
-def _capture_contribution(model, layers, module, index: int, ids, mask) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``model`` until block ``index``: the output of ``module`` (the contribution) and the stream after it."""
+def _capture_contribution(model, layers, module, index: int, ids, mask):
+    """Run ``model`` until block ``index``: the output of ``module`` (the contribution), the stream after block
+    ``index`` and ``module``'s input (for a post-norm: what it normalises)."""
     captured = {}
 
     def grab(mod, args, output):
@@ -347,14 +352,7 @@ def _capture_contribution(model, layers, module, index: int, ids, mask) -> tuple
         captured["h"] = _first(output).detach()
         raise _Stop
 
-    handles = [module.register_forward_hook(grab), layers[index].register_forward_hook(stop)]
-    try:
-        model(input_ids=ids, attention_mask=mask, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
+    _forward_until_stop(model, [(module, grab), (layers[index], stop)], ids, mask)
     return captured["u"], captured["h"], captured["y"]
 
 
@@ -471,7 +469,6 @@ def fit_repair(
                     normal.ur += u.t() @ r
                     normal.rr += float((r * r).sum())
                     normal.gg += float((g * g).sum())
-                    normal.tokens += u.shape[0]
                     bar.update(ids.shape[0])
             targets[j] = []
             scale = None
@@ -487,3 +484,13 @@ def fit_repair(
     bar.close()
     repair.seconds = time.perf_counter() - began
     return repair
+
+
+def repair_aware(model: nn.Module, data: CalibrationSet, ridge: float, batch_size: int = 8, gate: str = "auto"):
+    """For repair-aware selection: ``candidate -> context`` in which the gated model carries that candidate's
+    repair (fitted on ``data`` when called, so a candidate that cannot be repaired is refused before scoring)."""
+
+    def prepare(candidate):
+        return fit_repair(model, candidate.blocks, data, ridge, batch_size, gate).applied(model)
+
+    return prepare

@@ -144,7 +144,7 @@ def run_comparison(
     ``harness_tasks`` every row gets lm-evaluation-harness accuracies (gated model, no copy); with ``speed`` the
     measured decode speed-up of a physically pruned copy over the original.
     """
-    from ..repair.least_squares import fit_repair
+    from ..repair.least_squares import fit_repair, repair_aware
 
     model = ctx.model
     gate = getattr(ctx.config, "gate", "auto")
@@ -214,9 +214,7 @@ def run_comparison(
                         validation,
                         ctx.batch_size,
                         progress=False,
-                        prepare=lambda c: fit_repair(
-                            model, c.blocks, repair_data, repair_ridge, ctx.batch_size, gate
-                        ).applied(model),
+                        prepare=repair_aware(model, repair_data, repair_ridge, ctx.batch_size, gate),
                     )
                     row = ComparisonRow(
                         "cbo (repair-aware)",
