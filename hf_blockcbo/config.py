@@ -53,6 +53,13 @@ class BlockRemovalConfig:
     measured_samples: int = field(
         default=8, metadata={"help": "measured: calibration samples the damage is averaged over."}
     )
+    measured_rounds: int = field(
+        default=0,
+        metadata={
+            "help": "measured: re-expand the damage around the current ground state this many times for the chosen "
+            "M (each round measures about as many states as the first pass; stops early once the ground state stays)."
+        },
+    )
     damage: str = field(
         default="kl", metadata={"help": "measured: kl (to the unpruned model) or ce (cross-entropy increase)."}
     )
@@ -111,6 +118,8 @@ class BlockRemovalConfig:
             raise BlockCBOError(f"damage must be 'kl' or 'ce', got {self.damage!r}")
         if self.measured_pairs is not None and (not isinstance(self.measured_pairs, int) or self.measured_pairs < 0):
             raise BlockCBOError(f"measured_pairs must be a non-negative integer or None, got {self.measured_pairs!r}")
+        if not isinstance(self.measured_rounds, int) or self.measured_rounds < 0:
+            raise BlockCBOError(f"measured_rounds must be a non-negative integer, got {self.measured_rounds!r}")
         if not isinstance(self.measured_samples, int) or self.measured_samples <= 0:
             raise BlockCBOError(f"measured_samples must be a positive integer, got {self.measured_samples!r}")
         if self.beta and self.curvature != "empirical":

@@ -116,10 +116,13 @@ def load_model(
     dtype: str = "auto",
     device_map: str | dict | None = None,
     gradient_checkpointing: bool = False,
+    need_tokenizer: bool = True,
 ):
     """(model, tokenizer) for ``source``, in eval mode.
 
     Args:
+        need_tokenizer (`bool`, defaults to `True`): with `False` (blocks chosen explicitly, nothing to tokenize) a
+            model without a tokenizer loads, with ``tokenizer`` None (the pruned folder then has none either).
         device_map (`str` or `dict`, *optional*): Accelerate big-model dispatch (e.g. `"auto"`) for models larger
             than one device; the backward of the Hessian pass runs across devices. Disk offload is refused: weights
             on disk cannot take part in a backward pass.
@@ -130,9 +133,18 @@ def load_model(
     kwargs = {"revision": source.revision} if source.revision else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, device_map=device_map, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
     except (OSError, ValueError) as err:  # missing files, a junk GGUF/safetensors, an unknown architecture
         raise BlockCBOError(f"cannot load the model {source.model_id!r}: {str(err).splitlines()[0]}") from err
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
+    except (OSError, ValueError, TypeError) as err:
+        if need_tokenizer:
+            raise BlockCBOError(
+                f"cannot load the tokenizer of {source.model_id!r}: {str(err).splitlines()[0]}; add the tokenizer "
+                "files, or choose the blocks yourself (`blocks`), which needs none"
+            ) from err
+        logger.warning("no tokenizer for %s (%s): the pruned folder will have none", source.model_id, err)
+        tokenizer = None
     placement = getattr(model, "hf_device_map", None) or {}
     offloaded = sorted(name for name, device in placement.items() if device == "disk")
     if offloaded:

@@ -243,6 +243,7 @@ def choose_blocks(
 ) -> tuple[Selection, HessianArtifact | None]:
     """Decide which blocks go: explicit blocks, a candidates file, CBO (+ validation selection) or a baseline scorer."""
     from .evaluation.likelihood import perplexity
+    from .selection.rounds import refine_by_rounds, rounds_apply
     from .selection.scorers import ScoringContext, score
     from .selection.validation import select_by_validation
 
@@ -275,7 +276,14 @@ def choose_blocks(
         check_solvable(config, [b.kind for b in blocks], [b.num_parameters for b in blocks], count_parameters(model))
         artifact = calibrate(model, tokenizer, config, source, progress=progress)
     result = solve_artifact(artifact, config)
+    rounds = None
+    if rounds_apply(config, artifact):
+        result, rounds = refine_by_rounds(
+            model, artifact, config, calibration_samples(tokenizer, config), result, progress=progress
+        )
     solver = {k: v for k, v in result.to_dict().items() if k != "candidates"}
+    if rounds is not None:
+        solver["rounds"] = rounds
     candidates = result.candidates
     if config.rank is not None:
         if config.rank >= len(candidates):
@@ -290,6 +298,8 @@ def choose_blocks(
             model, candidates, validation, config.batch_size, gate=config.gate, progress=progress, prepare=prepare
         )
         how = f"validation perplexity over the {len(candidates)} lowest states ({validation.source})"
+        if rounds:
+            how += f", after {len(rounds)} round(s) of re-expansion"
         if config.repair:
             how += ", each scored after its repair"
         unpruned = perplexity(model, validation, batch_size=config.batch_size)

@@ -82,3 +82,45 @@ def test_infeasible_constraints_are_refused_before_the_hessian_pass(settings, fr
     model, tokenizer = load_model(source)
     with pytest.raises(BlockCBOError, match=fragment):
         pipeline.choose_blocks(model, tokenizer, BlockRemovalConfig(num_remove=2, **settings), source, progress=False)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_an_interrupted_calibration_names_the_resume_file_it_keeps(tmp_path, monkeypatch, capsys, keep):
+    from hf_blockcbo.commands.calibrate import CalibrateCommand
+
+    output = tmp_path / "h.safetensors"
+
+    def interrupted(self):
+        if keep:
+            (tmp_path / "h.safetensors.partial").write_bytes(b"rows")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(CalibrateCommand, "run", interrupted)
+    assert main(["calibrate", "--output", str(output)]) == 130
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    if keep:
+        assert f"kept in {output}.partial" in err and "rerun the same command to resume" in err
+    else:
+        assert err.endswith("interrupted; nothing was written")
+    assert not output.exists()
+
+
+def test_a_model_without_a_tokenizer_is_pruned_by_explicit_choice(tmp_path, capsys):
+    from .conftest import make_model, tiny_llama_config
+
+    bare = tmp_path / "bare"
+    make_model(tiny_llama_config()).save_pretrained(bare)  # weights and config, no tokenizer files
+    out = tmp_path / "out"
+    assert main(["prune", "--model", str(bare), "--blocks", "1,3", "--output", str(out), "--no-progress"]) == 0
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 4
+    capsys.readouterr()
+    # choosing the blocks needs text, so a tokenizer: one line that says what to do, nothing written
+    assert main(["prune", "--model", str(bare), "--remove", "2", "--output", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "cannot load the tokenizer" in errors[0] and "--blocks" in errors[0]
+    assert "Traceback" not in err
+    assert not (tmp_path / "o2").exists()

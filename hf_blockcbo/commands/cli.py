@@ -60,8 +60,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hf-blockcbo {args.command}: error: {to_flags(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"hf-blockcbo {args.command}: interrupted; nothing was written", file=sys.stderr)
+        print(f"hf-blockcbo {args.command}: interrupted; {_what_was_kept(args)}", file=sys.stderr)
         return 130
+
+
+def _what_was_kept(args) -> str:
+    """An interrupted run writes no output, but a calibration keeps its resume file(s): name them."""
+    from pathlib import Path
+
+    output = getattr(args, "output", None)
+    if not isinstance(output, str) or not output:
+        return "nothing was written"
+    out = Path(output)
+    kept = sorted(str(p) for p in out.parent.glob(out.name + ".partial*")) if out.parent.is_dir() else []
+    if not kept:
+        return "nothing was written"
+    return (
+        f"no output was written; the rows done so far are kept in {', '.join(kept)}: rerun the same command to resume"
+    )
 
 
 if __name__ == "__main__":

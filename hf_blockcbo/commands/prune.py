@@ -56,7 +56,10 @@ class PruneCommand(BaseCommand):
             check_not_an_input(args.save_hessian, inputs)
             check_output_file(args.save_hessian, args.overwrite)
         source = resolve_model(config.model, config.revision)
-        model, tokenizer = load_model(source, dtype=config.dtype)
+        explicit = config.blocks is not None or bool(args.candidates)
+        model, tokenizer = load_model(
+            source, dtype=config.dtype, need_tokenizer=not explicit or config.repair or args.heal
+        )
         artifact = None
         if args.hessian:
             artifact = HessianArtifact.load(args.hessian)

@@ -323,3 +323,130 @@ def measure_damage(
         tokens=(configurations + 2) * tokens_per_config,
         seconds=time.perf_counter() - began,
     )
+
+
+@dataclass
+class Expansion:
+    """The measured damage expanded around a state s (a "round"): exact at s and at every state one swap away.
+
+    With f_i = x_i XOR s_i the flip of block i, D(x) ≈ D(s) + Σ_i a_i f_i + Σ_{i<j} b_ij f_i f_j, where
+    a_i = D(s ⊕ e_i) − D(s) and b_ij = D(s ⊕ e_i ⊕ e_j) − D(s ⊕ e_i) − D(s ⊕ e_j) + D(s) (pairs among ``flip_blocks``,
+    0 elsewhere). Since f_i = (1 − 2s_i)·x_i + s_i is linear in x, this is again a quadratic form: :meth:`energy_matrix`
+    is the N×N matrix Q with xᵀQx equal to the expansion for every x with Σx = |s| (the constant folded into the
+    diagonal), so every solver consumes it unchanged.
+
+    Args:
+        centre (`list[int]`): the removed blocks of s.
+        centre_damage (`torch.Tensor`): ``[m]``, D(s) per sample.
+        flip (`torch.Tensor`): ``[m, N]``, D(s ⊕ e_i) per sample.
+        flip_pair (`torch.Tensor`): ``[m, N, N]``, D(s ⊕ e_i ⊕ e_j) per sample (NaN: not measured).
+        flip_blocks (`list[int]`): the blocks among which every pair of flips was measured.
+    """
+
+    centre: list[int]
+    centre_damage: torch.Tensor
+    flip: torch.Tensor
+    flip_pair: torch.Tensor
+    flip_blocks: list[int]
+    configurations: int
+    tokens: int
+    seconds: float
+
+    def energy_matrix(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The N×N energy of the expansion, averaged over the samples (or over ``rows``, e.g. a bootstrap draw)."""
+        pick = slice(None) if rows is None else rows
+        n = self.flip.shape[1]
+        s = torch.zeros(n, dtype=torch.float64)
+        s[self.centre] = 1.0
+        c = 1.0 - 2.0 * s
+        d0 = self.centre_damage[pick].double().mean()
+        flip = self.flip[pick].double().mean(0)
+        a = flip - d0
+        pair = self.flip_pair[pick].double().mean(0)
+        b = pair - flip[:, None] - flip[None, :] + d0
+        b = torch.nan_to_num(b, nan=0.0)
+        b.fill_diagonal_(0.0)
+        q = 0.5 * b * c[:, None] * c[None, :]
+        linear = a * c + c * (b @ s)
+        constant = d0 + a @ s + 0.5 * (s @ b @ s)
+        q.fill_diagonal_(0.0)
+        q += torch.diag(linear + constant / max(len(self.centre), 1))
+        return q
+
+
+def _flipped(centre: set[int], *blocks: int) -> tuple[int, ...]:
+    return tuple(sorted(centre.symmetric_difference(blocks)))
+
+
+def measure_expansion(
+    model: nn.Module,
+    calibration: CalibrationSet,
+    centre: Sequence[int],
+    gate: str = "auto",
+    batch_size: int = 8,
+    pairs: int | None = None,
+    progress: bool = True,
+    log=print,
+    share_prefix: bool = True,
+) -> Expansion:
+    """Measure D at ``centre``, at every single flip of it, and at every pair of flips among the centre's blocks and
+    the outside blocks whose addition hurts least (``pairs`` flips in all, at least the centre and two outside;
+    None: all), so the expansion is exact on every swap of one removed block for one of those outside blocks.
+    """
+    if len(calibration) == 0:
+        raise BlockCBOError("the calibration set is empty; give at least one sample")
+    centre_set = set(int(b) for b in centre)
+    began = time.perf_counter()
+    tokens_per_config = int(calibration.attention_mask.sum())
+    m = len(calibration)
+    with frozen_eval(model), BlockGates(model, gate=gate) as gates:
+        n = gates.num_blocks
+        if not centre_set or not centre_set <= set(range(n)):
+            raise BlockCBOError(f"the centre of a round must be a non-empty set of blocks in 0..{n - 1}")
+        share_prefix = share_prefix and prefix_sharing_agrees(model, gates, calibration)
+        singles = {i: _flipped(centre_set, i) for i in range(n)}
+        configurations = [tuple(sorted(centre_set))] + [cfg for cfg in singles.values() if cfg]
+        bar = tqdm(total=len(configurations) * m, desc="round: flips", unit="cfg·sample", disable=not progress)
+        kl, _ = _measure(model, gates, calibration, configurations, batch_size, bar, share_prefix)
+        bar.close()
+        value = {cfg: kl[:, k] for k, cfg in enumerate(configurations)}
+        zero = torch.zeros(m, dtype=torch.float64)
+        centre_damage = value[configurations[0]]
+        flip = torch.stack([value.get(singles[i], zero) for i in range(n)], dim=1)
+        phase1 = time.perf_counter() - began
+        log(
+            f"round around {sorted(centre_set)}: {len(configurations)} states one flip away × {m} samples "
+            f"({len(configurations) * tokens_per_config} tokens) in {phase1:.1f} s"
+        )
+        outside = [i for i in flip.mean(0).argsort().tolist() if i not in centre_set]
+        width = n if pairs is None else max(pairs, len(centre_set) + 2)
+        flip_blocks = sorted(list(centre_set) + outside[: max(0, width - len(centre_set))])
+        pair_list = list(itertools.combinations(flip_blocks, 2))
+        pair_configs = list(dict.fromkeys(_flipped(centre_set, i, j) for i, j in pair_list))
+        measured_pairs = [cfg for cfg in pair_configs if cfg]
+        flip_pair = torch.full((m, n, n), float("nan"), dtype=torch.float64)
+        if measured_pairs:
+            bar = tqdm(
+                total=len(measured_pairs) * m, desc="round: pairs of flips", unit="cfg·sample", disable=not progress
+            )
+            kl, _ = _measure(model, gates, calibration, measured_pairs, batch_size, bar, share_prefix)
+            bar.close()
+            value = {cfg: kl[:, k] for k, cfg in enumerate(measured_pairs)}
+            for i, j in pair_list:
+                flip_pair[:, i, j] = flip_pair[:, j, i] = value.get(_flipped(centre_set, i, j), zero)
+        log(
+            f"round around {sorted(centre_set)}: {len(measured_pairs)} states two flips away among "
+            f"{len(flip_blocks)} blocks ({len(measured_pairs) * tokens_per_config} tokens) in "
+            f"{time.perf_counter() - began - phase1:.1f} s"
+        )
+    count = len(configurations) + len(measured_pairs)
+    return Expansion(
+        centre=sorted(centre_set),
+        centre_damage=centre_damage,
+        flip=flip,
+        flip_pair=flip_pair,
+        flip_blocks=flip_blocks,
+        configurations=count,
+        tokens=(count + 2) * tokens_per_config,
+        seconds=time.perf_counter() - began,
+    )

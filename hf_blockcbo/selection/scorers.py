@@ -184,10 +184,14 @@ def score_cbo(ctx: ScoringContext, num_remove: int) -> list[Candidate]:
         raise BlockCBOError("the cbo scorer needs a Hessian artifact; calibrate first")
     from ..config import BlockRemovalConfig
     from ..solvers.dispatch import solve_artifact
+    from .rounds import refine_by_rounds, rounds_apply
 
     config = ctx.config if ctx.config is not None else BlockRemovalConfig()
     config = config.replace(num_remove=num_remove, top_k=ctx.top_k, protected=ctx.protected, seed=ctx.seed)
-    return solve_artifact(ctx.artifact, config).candidates
+    result = solve_artifact(ctx.artifact, config)
+    if rounds_apply(config, ctx.artifact):
+        result, _ = refine_by_rounds(ctx.model, ctx.artifact, config, ctx.calibration, result, progress=ctx.progress)
+    return result.candidates
 
 
 @register_scorer("bi")

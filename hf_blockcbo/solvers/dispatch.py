@@ -35,15 +35,16 @@ def check_solvable(
             )
 
 
-def solve_artifact(artifact: HessianArtifact, config: BlockRemovalConfig) -> SolveResult:
-    """The ``config.top_k`` lowest states for removing ``config.num_remove`` blocks."""
+def solve_artifact(artifact: HessianArtifact, config: BlockRemovalConfig, Q=None) -> SolveResult:
+    """The ``config.top_k`` lowest states for removing ``config.num_remove`` blocks (of ``Q`` when given, e.g. a
+    round's re-expansion, else the artifact's energy matrix; the constraints are the same)."""
     if config.num_remove is None:
         raise BlockCBOError("say how many blocks to remove (`num_remove`)")
     if config.num_remove >= artifact.num_blocks:
         raise BlockCBOError(
             f"cannot remove {config.num_remove} of {artifact.num_blocks} blocks; choose K in 1..{artifact.num_blocks - 1}"
         )
-    Q = artifact.energy_matrix(config.beta).numpy()
+    Q = artifact.energy_matrix(config.beta).numpy() if Q is None else Q
     budget = 0
     if config.param_budget:
         total = int(artifact.metadata.get("num_parameters") or 0) or sum(artifact.block_num_parameters)

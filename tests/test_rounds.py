@@ -1,0 +1,126 @@
+"""Rounds: the measured damage re-expanded around a state is exact there and at every swap, and the pipeline uses it."""
+
+import itertools
+
+import pytest
+import torch
+
+from hf_blockcbo.config import BlockRemovalConfig
+from hf_blockcbo.data import CalibrationSet
+from hf_blockcbo.errors import BlockCBOError
+from hf_blockcbo.hessian.measured import measure_expansion
+from hf_blockcbo.models import ModelSource
+from hf_blockcbo.pipeline import calibrate, choose_blocks
+from hf_blockcbo.selection.rounds import refine_by_rounds
+from hf_blockcbo.solvers.dispatch import solve_artifact
+from hf_blockcbo.surgery.gates import BlockGates
+
+
+def _samples(m=4, width=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 256, (m, width), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    ids[1, 7:] = 0
+    return CalibrationSet(ids, mask, source="test")
+
+
+def _direct_kl(model, cal, removed):
+    """Mean per-token KL(unpruned ‖ pruned), each sample's mean over its targets, averaged over samples."""
+    with torch.no_grad():
+        ref = torch.log_softmax(model(input_ids=cal.input_ids, attention_mask=cal.attention_mask).logits, -1)
+        with BlockGates(model) as gates:
+            gates.set_removed(list(removed))
+            out = torch.log_softmax(model(input_ids=cal.input_ids, attention_mask=cal.attention_mask).logits, -1)
+    token = (ref.exp() * (ref - out)).sum(-1)[:, :-1]
+    valid = (cal.attention_mask[:, 1:] * cal.attention_mask[:, :-1]).double()
+    return float(((token.double() * valid).sum(1) / valid.sum(1)).mean())
+
+
+def _energy(q, state):
+    idx = list(state)
+    return float(q[idx][:, idx].sum())
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gemma3"])
+def test_expansion_is_exact_at_the_centre_and_at_every_swap(fixture, request):
+    model = request.getfixturevalue(fixture)
+    cal = _samples()
+    centre = [1, 3, 4]
+    expansion = measure_expansion(model, cal, centre, batch_size=2, pairs=None, progress=False, log=lambda _: None)
+    q = expansion.energy_matrix()
+    n = q.shape[0]
+    assert torch.allclose(q, q.T)
+    assert _energy(q, centre) == pytest.approx(_direct_kl(model, cal, centre), rel=1e-4, abs=1e-7)
+    outside = [b for b in range(n) if b not in centre]
+    for out, into in itertools.product(centre, outside):
+        state = sorted(set(centre) - {out} | {into})
+        assert _energy(q, state) == pytest.approx(_direct_kl(model, cal, state), rel=1e-4, abs=1e-7), state
+    # every state one flip away and every pair of flips was measured once (the unpruned model needs no forward)
+    assert expansion.configurations == 1 + n + n * (n - 1) // 2
+
+
+def test_expansion_pairs_keep_the_centre_and_the_least_damaging_additions(tiny_llama):
+    cal = _samples(m=2)
+    expansion = measure_expansion(tiny_llama, cal, [0, 5], pairs=3, progress=False, log=lambda _: None)
+    additions = [b for b in expansion.flip.mean(0).argsort().tolist() if b not in (0, 5)]
+    assert expansion.flip_blocks == sorted([0, 5, *additions[:2]])  # at least two outside blocks
+    q = expansion.energy_matrix()
+    for into in additions[:2]:
+        for out in (0, 5):
+            state = sorted({0, 5} - {out} | {into})
+            assert _energy(q, state) == pytest.approx(_direct_kl(tiny_llama, cal, state), rel=1e-4, abs=1e-7)
+
+
+def test_a_bootstrap_draw_of_every_row_is_the_full_expansion(tiny_llama):
+    cal = _samples()
+    expansion = measure_expansion(tiny_llama, cal, [2, 3], progress=False, log=lambda _: None)
+    assert torch.allclose(expansion.energy_matrix(torch.arange(len(cal))), expansion.energy_matrix())
+    assert not torch.allclose(expansion.energy_matrix(torch.tensor([0, 0, 0, 0])), expansion.energy_matrix())
+
+
+def test_bad_centres_are_refused(tiny_llama):
+    for centre in ([], [9]):
+        with pytest.raises(BlockCBOError, match="centre"):
+            measure_expansion(tiny_llama, _samples(m=2), centre, progress=False)
+
+
+def _source():
+    return ModelSource(model_id="tiny", revision=None, base_model=None, path="tiny")
+
+
+def test_rounds_end_at_a_ground_state_that_no_swap_improves(tiny_llama, tokenizer):
+    cal = _samples()
+    config = BlockRemovalConfig(num_samples=4, seq_len=10, batch_size=4, measured_samples=4, num_remove=3, top_k=4)
+    artifact = calibrate(tiny_llama, tokenizer, config, _source(), progress=False, calibration=cal)
+    first = solve_artifact(artifact, config)
+    result, records = refine_by_rounds(tiny_llama, artifact, config.replace(measured_rounds=4), cal, first, False)
+    assert 1 <= len(records) <= 4
+    assert records[0]["centre"] == list(first.candidates[0].blocks)
+    for earlier, later in zip(records, records[1:], strict=False):
+        assert later["centre"] == earlier["ground_state"]
+    ground = list(result.candidates[0].blocks)
+    assert ground == records[-1]["ground_state"]
+    if ground == records[-1]["centre"]:  # converged: no swap of the ground state is measured to do less damage
+        n = artifact.num_blocks
+        measured = _direct_kl(tiny_llama, cal, ground)
+        for out, into in itertools.product(ground, [b for b in range(n) if b not in ground]):
+            assert _direct_kl(tiny_llama, cal, sorted(set(ground) - {out} | {into})) >= measured - 1e-7
+
+
+def test_rounds_are_recorded_and_off_for_the_papers_estimator(tiny_llama, tokenizer):
+    cal_config = dict(num_samples=4, seq_len=16, batch_size=4, measured_samples=4, num_remove=2, top_k=3)
+    config = BlockRemovalConfig(measured_rounds=1, select="energy", **cal_config)
+    selection, artifact = choose_blocks(tiny_llama, tokenizer, config, _source(), progress=False)
+    rounds = selection.solver["rounds"]
+    assert len(rounds) == 1 and rounds[0]["configurations"] > 0
+    assert list(selection.blocks) == rounds[0]["ground_state"]
+    paper = config.replace(curvature="empirical")
+    selection, _ = choose_blocks(tiny_llama, tokenizer, paper, _source(), progress=False)
+    assert "rounds" not in selection.solver
+
+
+def test_measured_rounds_must_be_a_count():
+    for bad in (-1, 1.5, True):
+        with pytest.raises(BlockCBOError, match="measured_rounds"):
+            BlockRemovalConfig(measured_rounds=bad)
