@@ -16,3 +16,19 @@ def model_argument(name: str) -> str | None:
     """The `--model` value of a short name (`smollm2`: the embedded default, `gemma3`: the assembled GGUF); any other
     name is passed through as an hf-blockcbo `--model` value."""
     return MODELS[name]() if name in MODELS else name
+
+
+def held_out_tests(tokenizer, eval_dir, samples: int, seq_len: int) -> dict:
+    """The two test domains no method sees (from `examples/offline_eval_data.py`): label → samples."""
+    from pathlib import Path
+
+    from hf_blockcbo.data import build_calibration_set
+
+    files = {
+        "Austen (Persuasion)": "austen_persuasion.txt",
+        "Shakespeare (As You Like It)": "shakespeare_as_you_like_it.txt",
+    }
+    return {
+        label: build_calibration_set(tokenizer, str(Path(eval_dir) / f), samples, seq_len)
+        for label, f in files.items()
+    }

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from _models import model_argument  # benchmarks/_models.py (run as `python benchmarks/<name>.py`)
+from _models import held_out_tests, model_argument  # benchmarks/_models.py (run as `python benchmarks/<name>.py`)
 
 from hf_blockcbo.config import BlockRemovalConfig
 from hf_blockcbo.data import build_calibration_set
@@ -63,14 +63,7 @@ def main() -> None:
     )
     eval_dir = Path(args.eval_dir)
     validation = validation_samples(tokenizer, base)
-    tests = {
-        "Austen (Persuasion)": build_calibration_set(
-            tokenizer, str(eval_dir / "austen_persuasion.txt"), args.eval_samples, args.seq_len
-        ),
-        "Shakespeare (As You Like It)": build_calibration_set(
-            tokenizer, str(eval_dir / "shakespeare_as_you_like_it.txt"), args.eval_samples, args.seq_len
-        ),
-    }
+    tests = held_out_tests(tokenizer, eval_dir, args.eval_samples, args.seq_len)
     diag_set = build_calibration_set(tokenizer, str(eval_dir / "austen_emma.txt"), args.diag_samples, args.seq_len)
     rows, costs, diagnoses = [], {}, []
     calibration = calibration_samples(tokenizer, base)

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _models import model_argument  # benchmarks/_models.py (run as `python benchmarks/<name>.py`)
+from _models import held_out_tests, model_argument  # benchmarks/_models.py (run as `python benchmarks/<name>.py`)
 
 from hf_blockcbo.config import BlockRemovalConfig
-from hf_blockcbo.data import CalibrationSet, build_calibration_set
+from hf_blockcbo.data import CalibrationSet
 from hf_blockcbo.models import load_model, resolve_model
 from hf_blockcbo.pipeline import calibrate, calibration_samples, validation_samples
 from hf_blockcbo.selection.diagnose import measure_states
@@ -36,7 +36,13 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2", help="smollm2, gemma3 or any --model value of hf-blockcbo")
     parser.add_argument("--removes", default="2,4,6,8")
     parser.add_argument("--max-rounds", type=int, default=2)
+    parser.add_argument("--round-removes", help="the M with rounds (default: every M above 2 in --removes)")
     parser.add_argument("--baselines", default="bi,angular,norm_ratio,sleb")
+    parser.add_argument(
+        "--states",
+        default="",
+        help="fixed states evaluated beside, e.g. 'sleb (estimators run)@6=7,8,9,14,15,17;...' (a baseline's known pick)",
+    )
     parser.add_argument("--measured-samples", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--top-k", type=int, default=8)
@@ -48,6 +54,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     removes = [int(m) for m in args.removes.split(",")]
+    rounds_at = (
+        [int(m) for m in args.round_removes.split(",")] if args.round_removes else [m for m in removes if m > 2]
+    )
     model_arg = model_argument(args.model)
     source = resolve_model(model_arg, None)
     model, tokenizer = load_model(source, dtype="float32")
@@ -62,14 +71,7 @@ def main() -> None:
     )
     eval_dir = Path(args.eval_dir)
     validation = validation_samples(tokenizer, base)
-    tests = {
-        "Austen (Persuasion)": build_calibration_set(
-            tokenizer, str(eval_dir / "austen_persuasion.txt"), args.eval_samples, args.seq_len
-        ),
-        "Shakespeare (As You Like It)": build_calibration_set(
-            tokenizer, str(eval_dir / "shakespeare_as_you_like_it.txt"), args.eval_samples, args.seq_len
-        ),
-    }
+    tests = held_out_tests(tokenizer, eval_dir, args.eval_samples, args.seq_len)
     calibration = calibration_samples(tokenizer, base)
     count = min(len(calibration), args.measured_samples)
     cal = CalibrationSet(calibration.input_ids[:count], calibration.attention_mask[:count], calibration.source)
@@ -102,7 +104,7 @@ def main() -> None:
         evaluate("cbo, 0 rounds", m, chosen.blocks, f"state {best}", first_seconds, first_tokens)
         seconds, tokens = first_seconds, first_tokens
         expansions = []
-        for r in range(1, args.max_rounds + 1):
+        for r in range(1, args.max_rounds + 1 if m in rounds_at else 1):
             t0 = time.perf_counter()
             one = config.replace(measured_rounds=1)
             refined, records = refine_by_rounds(model, artifact, one, cal, result, expansions=expansions)
@@ -117,7 +119,7 @@ def main() -> None:
                 for later in range(r + 1, args.max_rounds + 1):
                     rows.append({**rows[-1], "method": f"cbo, {later} rounds", "how": f"state {best} (converged)"})
                 break
-        if m == 4 and args.bootstrap:
+        if m == 4 and args.bootstrap and expansions:
             # the last round's rows resampled: how often its ground state is the full sample's
             expansion = expansions[-1]
             centre = expansion.centre
@@ -138,6 +140,8 @@ def main() -> None:
             )
             print(notes[-1], flush=True)
         # does the round's energy predict the calibration KL better? (its top-K, measured)
+        if not expansions:
+            continue
         states = [c.blocks for c in result.candidates]
         kl = measure_states(model, states, cal).kl
         notes.append(
@@ -152,7 +156,14 @@ def main() -> None:
         for m in removes:
             t0 = time.perf_counter()
             chosen = score(method, ctx, m)[0]
-            evaluate(method, m, chosen.blocks, "", time.perf_counter() - t0, 0)
+            # forward tokens: SLEB's greedy steps so far × candidate blocks × samples; the one-pass statistics: none
+            n = artifact.num_blocks
+            tokens = sum(n - step for step in range(m)) * int(cal.attention_mask.sum()) if method == "sleb" else 0
+            evaluate(method, m, chosen.blocks, "", time.perf_counter() - t0, tokens)
+    for item in [i for i in args.states.split(";") if i]:
+        label, rest = item.split("@")
+        m, blocks = rest.split("=")
+        evaluate(label, int(m), [int(b) for b in blocks.split(",")], "fixed", 0.0, 0)
     write(args, name, rows, tests, unpruned, removes, notes)
 
 

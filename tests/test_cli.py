@@ -359,3 +359,18 @@ def test_compare_with_repair_harness_tasks_and_measured_speed(tiny_model_dir, tm
         parsed = list(csv.DictReader(handle))
     bi = next(r for r in parsed if r["method"] == "bi")
     assert float(bi["repaired_test_ppl"]) > 0 and float(bi["decode_speedup"]) > 1.0
+
+
+def test_a_failed_plot_leaves_no_candidates_file(artifact_path, tmp_path, monkeypatch, capsys):
+    import hf_blockcbo.selection.plots as plots
+    from hf_blockcbo.errors import BlockCBOError
+
+    def broken(*args, **kwargs):
+        raise BlockCBOError("the plot needs matplotlib: pip install matplotlib")
+
+    monkeypatch.setattr(plots, "plot_spectrum", broken)
+    out, png = tmp_path / "c.json", tmp_path / "c.png"
+    argv = ["solve", "--hessian", str(artifact_path), "--remove", "2", "--output", str(out), "--plot", str(png)]
+    assert main(argv) == 2
+    assert "needs matplotlib" in capsys.readouterr().err
+    assert not out.exists() and not png.exists()

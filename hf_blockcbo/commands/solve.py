@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from argparse import ArgumentParser
+from pathlib import Path
 
 from .base import BaseCommand, CommandInfo, add_solver_args
 
@@ -31,12 +32,17 @@ class SolveCommand(BaseCommand):
                 check_output_file(output, self.args.overwrite)
         artifact = HessianArtifact.load(self.args.hessian)
         result = solve_artifact(artifact, config)
-        if self.args.output:
-            write_candidates(result, self.args.output, artifact)
-        if self.args.plot:
+        if self.args.plot:  # the plot first: a plot that fails leaves no candidates file behind
             from ..selection.plots import plot_spectrum
 
             plot_spectrum(result, self.args.plot, artifact.block_kinds)
+        if self.args.output:
+            try:
+                write_candidates(result, self.args.output, artifact)
+            except BaseException:
+                if self.args.plot:
+                    Path(self.args.plot).unlink(missing_ok=True)
+                raise
         status = "certified exact" if result.certified else "not certified (heuristic)"
         if not result.certified and result.lower_bound is not None:
             status += f"; every state not listed has energy ≥ {result.lower_bound:.6g} (proven bound)"
