@@ -124,3 +124,18 @@ def test_measured_rounds_must_be_a_count():
     for bad in (-1, 1.5, True):
         with pytest.raises(BlockCBOError, match="measured_rounds"):
             BlockRemovalConfig(measured_rounds=bad)
+
+
+def test_the_cli_flag_reaches_the_provenance(tiny_model_dir, tmp_path):
+    import json
+
+    from hf_blockcbo.commands.cli import main
+
+    out = tmp_path / "out"
+    argv = ["prune", "--model", str(tiny_model_dir), "--remove", "3", "--measured-rounds", "2", "--select", "energy"]
+    argv += ["--num-samples", "4", "--seq-len", "16", "--batch-size", "4", "--no-progress", "--output", str(out)]
+    assert main(argv) == 0
+    provenance = json.loads((out / "block_removal.json").read_text())
+    rounds = provenance["solver"]["rounds"]
+    assert 1 <= len(rounds) <= 2 and provenance["config"]["measured_rounds"] == 2
+    assert provenance["removed_blocks"] == rounds[-1]["ground_state"]
