@@ -124,3 +124,17 @@ def test_a_model_without_a_tokenizer_is_pruned_by_explicit_choice(tmp_path, caps
     assert len(errors) == 1 and "cannot load the tokenizer" in errors[0] and "--blocks" in errors[0]
     assert "Traceback" not in err
     assert not (tmp_path / "o2").exists()
+
+
+def test_a_damaged_resume_file_is_one_line_and_kept(tiny_model_dir, tmp_path, capsys):
+    output = tmp_path / "h.safetensors"
+    partial = tmp_path / "h.safetensors.partial"
+    partial.write_bytes(b"\x00" * 50)
+    argv = ["calibrate", "--model", str(tiny_model_dir), "--curvature", "empirical", "--num-samples", "4"]
+    argv += ["--seq-len", "16", "--no-progress", "--checkpoint-every", "1", "--output", str(output)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "is damaged" in errors[0] and "delete it" in errors[0]
+    assert "Traceback" not in err
+    assert partial.read_bytes() == b"\x00" * 50 and not output.exists()

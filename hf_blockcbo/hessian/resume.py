@@ -34,8 +34,14 @@ class PartialRows:
     def load(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         if not self.path.is_file():
             return None
-        with safe_open(str(self.path), framework="pt") as handle:
-            meta = handle.metadata() or {}
+        try:
+            with safe_open(str(self.path), framework="pt") as handle:
+                meta = handle.metadata() or {}
+        except Exception as err:  # noqa: BLE001 - a truncated or foreign file: one line, the file kept
+            raise BlockCBOError(
+                f"the resume file {str(self.path)!r} is damaged ({str(err).splitlines()[0]}); delete it to start "
+                "afresh"
+            ) from err
         if meta.get("fingerprint") != self.key:
             raise BlockCBOError(
                 f"the resume file {str(self.path)!r} belongs to another configuration (model, data, batch size, gate "
