@@ -67,6 +67,7 @@ class BlockRemovalCallback(TrainerCallback):
         self.calibration = None  # the samples of the last Hessian pass (also what config.repair fits on)
         self.removed: list[int] | None = None
         self.repair: dict | None = None
+        self.rounds: list[dict] | None = None  # the rounds of re-expansion run before the cut (measured_rounds)
 
     # -- the Hessian pass ---------------------------------------------------------------------------------------
     def _dataloader(self, kwargs):
@@ -146,7 +147,14 @@ class BlockRemovalCallback(TrainerCallback):
 
         if self.config.num_remove is None:
             raise BlockCBOError("remove_at_step needs config.num_remove")
-        blocks = list(solve_artifact(self.artifact, self.config).candidates[0].blocks)
+        result = solve_artifact(self.artifact, self.config)
+        from .selection.rounds import refine_by_rounds, rounds_apply
+
+        if rounds_apply(self.config, self.artifact):  # the same rounds `prune` runs, on the Hessian pass's samples
+            result, self.rounds = refine_by_rounds(
+                model, self.artifact, self.config, self.calibration, result, progress=False
+            )
+        blocks = list(result.candidates[0].blocks)
         check_removal(model, blocks)
         if self.config.repair:  # fitted on the Hessian pass's samples, folded before the cut
             from .repair.least_squares import fit_repair

@@ -139,3 +139,23 @@ def test_the_cli_flag_reaches_the_provenance(tiny_model_dir, tmp_path):
     rounds = provenance["solver"]["rounds"]
     assert 1 <= len(rounds) <= 2 and provenance["config"]["measured_rounds"] == 2
     assert provenance["removed_blocks"] == rounds[-1]["ground_state"]
+
+
+def test_the_callback_cuts_the_state_the_rounds_end_at(tiny_llama, tokenizer, tmp_path):
+    from torch.utils.data import DataLoader
+    from transformers import TrainingArguments
+
+    from hf_blockcbo.callback import BlockRemovalCallback
+
+    cal = _samples()
+    config = BlockRemovalConfig(num_remove=3, top_k=3, measured_samples=4, measured_rounds=2)
+    rows = [{"input_ids": i, "attention_mask": m} for i, m in zip(cal.input_ids, cal.attention_mask, strict=True)]
+    callback = BlockRemovalCallback(config)
+    callback.compute(TrainingArguments(output_dir=str(tmp_path), report_to="none"), tiny_llama, DataLoader(rows, 4))
+    first = solve_artifact(callback.artifact, config)
+    expected, records = refine_by_rounds(tiny_llama, callback.artifact, config, callback.calibration, first, False)
+    callback._remove(tiny_llama, optimizer=None)
+    assert callback.removed == list(expected.candidates[0].blocks)
+    timeless = [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in callback.rounds] == timeless
+    assert tiny_llama.config.num_hidden_layers == 3
