@@ -143,17 +143,12 @@ class BlockRemovalCallback(TrainerCallback):
 
     # -- removal during training --------------------------------------------------------------------------------
     def _remove(self, model, optimizer) -> None:
-        from .pipeline import solve_artifact
+        from .selection.rounds import solve_with_rounds
 
         if self.config.num_remove is None:
             raise BlockCBOError("remove_at_step needs config.num_remove")
-        result = solve_artifact(self.artifact, self.config)
-        from .selection.rounds import refine_by_rounds, rounds_apply
-
-        if rounds_apply(self.config, self.artifact):  # the same rounds `prune` runs, on the Hessian pass's samples
-            result, self.rounds = refine_by_rounds(
-                model, self.artifact, self.config, self.calibration, result, progress=False
-            )
+        # the same rounds `prune` runs, on the Hessian pass's samples
+        result, self.rounds = solve_with_rounds(model, self.artifact, self.config, lambda: self.calibration, False)
         blocks = list(result.candidates[0].blocks)
         check_removal(model, blocks)
         if self.config.repair:  # fitted on the Hessian pass's samples, folded before the cut

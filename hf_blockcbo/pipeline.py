@@ -22,7 +22,7 @@ from .hessian.artifact import HessianArtifact
 from .models import ModelSource
 from .provenance import Provenance
 from .solvers import SolveResult
-from .solvers.dispatch import solve_artifact
+from .solvers.dispatch import solve_artifact  # noqa: F401 - the solve verb the faces import from here
 from .surgery.architectures import count_parameters, describe_blocks, get_architecture, get_layers
 from .surgery.gates import resolve_gate_kind
 from .surgery.removal import remove_blocks, save_pruned
@@ -243,7 +243,7 @@ def choose_blocks(
 ) -> tuple[Selection, HessianArtifact | None]:
     """Decide which blocks go: explicit blocks, a candidates file, CBO (+ validation selection) or a baseline scorer."""
     from .evaluation.likelihood import perplexity
-    from .selection.rounds import refine_by_rounds, rounds_apply
+    from .selection.rounds import solve_with_rounds
     from .selection.scorers import ScoringContext, score
     from .selection.validation import select_by_validation
 
@@ -275,12 +275,9 @@ def choose_blocks(
         blocks = describe_blocks(model)
         check_solvable(config, [b.kind for b in blocks], [b.num_parameters for b in blocks], count_parameters(model))
         artifact = calibrate(model, tokenizer, config, source, progress=progress)
-    result = solve_artifact(artifact, config)
-    rounds = None
-    if rounds_apply(config, artifact):
-        result, rounds = refine_by_rounds(
-            model, artifact, config, calibration_samples(tokenizer, config), result, progress=progress
-        )
+    result, rounds = solve_with_rounds(
+        model, artifact, config, lambda: calibration_samples(tokenizer, config), progress=progress
+    )
     solver = {k: v for k, v in result.to_dict().items() if k != "candidates"}
     if rounds is not None:
         solver["rounds"] = rounds

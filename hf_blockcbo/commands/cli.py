@@ -72,7 +72,7 @@ def _what_was_kept(args) -> str:
     if not isinstance(output, str) or not output:
         return "nothing was written"
     out = Path(output)
-    kept = sorted(str(p) for p in out.parent.glob(out.name + ".partial*")) if out.parent.is_dir() else []
+    kept = sorted(str(p) for p in out.parent.glob(out.name + ".partial*"))
     if not kept:
         return "nothing was written"
     return (

@@ -250,6 +250,13 @@ def _measure(model, gates, calibration, configurations, batch_size, bar, share_p
     return kl, ce
 
 
+def _measure_phase(model, gates, calibration, configurations, batch_size, desc, progress, share_prefix):
+    """`_measure` under one progress bar (one phase of a pass): (KL, CE increase), ``[m, len(configurations)]``."""
+    total = len(configurations) * len(calibration)
+    with tqdm(total=total, desc=desc, unit="cfg·sample", disable=not progress) as bar:
+        return _measure(model, gates, calibration, configurations, batch_size, bar, share_prefix)
+
+
 def measure_damage(
     model: nn.Module,
     calibration: CalibrationSet,
@@ -283,11 +290,9 @@ def measure_damage(
         n = gates.num_blocks
         share_prefix = share_prefix and prefix_sharing_agrees(model, gates, calibration)
         singles = [(i,) for i in range(n)]
-        bar = tqdm(
-            total=n * len(calibration), desc="measured damage: singles", unit="cfg·sample", disable=not progress
+        single_kl, single_ce = _measure_phase(
+            model, gates, calibration, singles, batch_size, "measured damage: singles", progress, share_prefix
         )
-        single_kl, single_ce = _measure(model, gates, calibration, singles, batch_size, bar, share_prefix)
-        bar.close()
         phase1 = time.perf_counter() - began
         log(
             f"measured damage: {n} single removals × {len(calibration)} samples "
@@ -299,14 +304,9 @@ def measure_damage(
         pair_kl = torch.full((len(calibration), n, n), float("nan"), dtype=torch.float64)
         pair_ce = pair_kl.clone()
         if pair_list:
-            bar = tqdm(
-                total=len(pair_list) * len(calibration),
-                desc="measured damage: pairs",
-                unit="cfg·sample",
-                disable=not progress,
+            kl, ce = _measure_phase(
+                model, gates, calibration, pair_list, batch_size, "measured damage: pairs", progress, share_prefix
             )
-            kl, ce = _measure(model, gates, calibration, pair_list, batch_size, bar, share_prefix)
-            bar.close()
             for k, (i, j) in enumerate(pair_list):
                 pair_kl[:, i, j] = pair_kl[:, j, i] = kl[:, k]
                 pair_ce[:, i, j] = pair_ce[:, j, i] = ce[:, k]
@@ -366,11 +366,10 @@ class Expansion:
         b = pair - flip[:, None] - flip[None, :] + d0
         b = torch.nan_to_num(b, nan=0.0)
         b.fill_diagonal_(0.0)
-        q = 0.5 * b * c[:, None] * c[None, :]
+        q = 0.5 * b * c[:, None] * c[None, :]  # zero diagonal, as b's
         linear = a * c + c * (b @ s)
         constant = d0 + a @ s + 0.5 * (s @ b @ s)
-        q.fill_diagonal_(0.0)
-        q += torch.diag(linear + constant / max(len(self.centre), 1))
+        q += torch.diag(linear + constant / len(self.centre))  # Σx = |s|: the constant spread over the diagonal
         return q
 
 
@@ -406,9 +405,9 @@ def measure_expansion(
         share_prefix = share_prefix and prefix_sharing_agrees(model, gates, calibration)
         singles = {i: _flipped(centre_set, i) for i in range(n)}
         configurations = [tuple(sorted(centre_set))] + [cfg for cfg in singles.values() if cfg]
-        bar = tqdm(total=len(configurations) * m, desc="round: flips", unit="cfg·sample", disable=not progress)
-        kl, _ = _measure(model, gates, calibration, configurations, batch_size, bar, share_prefix)
-        bar.close()
+        kl, _ = _measure_phase(
+            model, gates, calibration, configurations, batch_size, "round: flips", progress, share_prefix
+        )
         value = {cfg: kl[:, k] for k, cfg in enumerate(configurations)}
         zero = torch.zeros(m, dtype=torch.float64)
         centre_damage = value[configurations[0]]
@@ -426,11 +425,9 @@ def measure_expansion(
         measured_pairs = [cfg for cfg in pair_configs if cfg]
         flip_pair = torch.full((m, n, n), float("nan"), dtype=torch.float64)
         if measured_pairs:
-            bar = tqdm(
-                total=len(measured_pairs) * m, desc="round: pairs of flips", unit="cfg·sample", disable=not progress
+            kl, _ = _measure_phase(
+                model, gates, calibration, measured_pairs, batch_size, "round: pairs of flips", progress, share_prefix
             )
-            kl, _ = _measure(model, gates, calibration, measured_pairs, batch_size, bar, share_prefix)
-            bar.close()
             value = {cfg: kl[:, k] for k, cfg in enumerate(measured_pairs)}
             for i, j in pair_list:
                 flip_pair[:, i, j] = flip_pair[:, j, i] = value.get(_flipped(centre_set, i, j), zero)

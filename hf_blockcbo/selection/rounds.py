@@ -11,6 +11,7 @@ the new K lowest states. Rounds stop early once the ground state no longer moves
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from torch import nn
 
@@ -23,7 +24,23 @@ from ..solvers.dispatch import solve_artifact
 
 def rounds_apply(config, artifact: HessianArtifact | None) -> bool:
     """Whether ``config`` asks for rounds and the energy they refine is the measured one."""
-    return bool(getattr(config, "measured_rounds", 0)) and artifact is not None and artifact.curvature == "measured"
+    return config.measured_rounds > 0 and artifact is not None and artifact.curvature == "measured"
+
+
+def solve_with_rounds(
+    model: nn.Module,
+    artifact: HessianArtifact,
+    config,
+    samples: Callable[[], CalibrationSet],
+    progress: bool = True,
+) -> tuple[SolveResult, list[dict] | None]:
+    """The K lowest states of ``config``, after ``config.measured_rounds`` rounds when they apply (``samples()``, the
+    calibration samples, is called only then); (result, the rounds' records or None). Every face solves through it.
+    """
+    result = solve_artifact(artifact, config)
+    if not rounds_apply(config, artifact):
+        return result, None
+    return refine_by_rounds(model, artifact, config, samples(), result, progress=progress)
 
 
 def refine_by_rounds(

@@ -183,15 +183,11 @@ def score_cbo(ctx: ScoringContext, num_remove: int) -> list[Candidate]:
     if ctx.artifact is None:
         raise BlockCBOError("the cbo scorer needs a Hessian artifact; calibrate first")
     from ..config import BlockRemovalConfig
-    from ..solvers.dispatch import solve_artifact
-    from .rounds import refine_by_rounds, rounds_apply
+    from .rounds import solve_with_rounds
 
     config = ctx.config if ctx.config is not None else BlockRemovalConfig()
     config = config.replace(num_remove=num_remove, top_k=ctx.top_k, protected=ctx.protected, seed=ctx.seed)
-    result = solve_artifact(ctx.artifact, config)
-    if rounds_apply(config, ctx.artifact):
-        result, _ = refine_by_rounds(ctx.model, ctx.artifact, config, ctx.calibration, result, progress=ctx.progress)
-    return result.candidates
+    return solve_with_rounds(ctx.model, ctx.artifact, config, lambda: ctx.calibration, ctx.progress)[0].candidates
 
 
 @register_scorer("bi")
