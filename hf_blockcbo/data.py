@@ -165,13 +165,20 @@ def _bos_prefix(tokenizer) -> list[int]:
     return [bos] if tokenizer("a")["input_ids"][:1] == [bos] else []
 
 
+_STREAM_TOKENS = 1 << 20  # tokenised before a multi-document stream may stop early (independent of num_samples)
+
+
 def _pack(
     texts: list[str], tokenizer, num_samples: int, seq_len: int, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Join the documents with EOS, cut the stream into full windows, and draw ``num_samples`` of them (seeded).
 
-    Documents are tokenised in a seeded order until the stream holds a generous multiple of what is needed (a huge
-    corpus is not tokenised whole); a single document is always tokenised whole, so windows come from all of it.
+    Documents are tokenised in a seeded order until the stream holds at least ``_STREAM_TOKENS`` tokens or a generous
+    multiple of what is needed (a huge corpus is not tokenised whole); a single document is always tokenised whole,
+    so windows come from all of it. The draw is a seeded permutation of the windows, cut to ``num_samples``: the
+    first k samples are the same for every ``num_samples`` ≥ k (as long as the stream is), so a phase that uses a
+    prefix of the set (the ``measured`` curvature's first ``measured_samples``) sees the same windows whatever the
+    set's size.
     """
     separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     prefix = _bos_prefix(tokenizer)
@@ -182,7 +189,7 @@ def _pack(
     needed = num_samples * window
     for index in order:
         stream.extend(tokenizer(texts[int(index)], add_special_tokens=False)["input_ids"] + separator)
-        if len(stream) >= 8 * needed:
+        if len(stream) >= max(8 * needed, _STREAM_TOKENS):
             break
     if separator and stream:
         stream.pop()  # EOS only *between* documents
@@ -193,7 +200,7 @@ def _pack(
             f"but {num_samples} were asked for; give more text or lower `num_samples` / `seq_len`"
         )
     offset = int(rng.integers(0, len(stream) - available * window + 1))
-    chosen = rng.choice(available, size=num_samples, replace=False)  # random order: any prefix is a random draw too
+    chosen = rng.permutation(available)[:num_samples]  # any prefix is a random draw too, and the same one
     windows = torch.tensor(stream[offset : offset + available * window], dtype=torch.long).view(available, window)
     ids = windows[torch.from_numpy(chosen)]
     if prefix:

@@ -134,3 +134,16 @@ def test_chat_records_are_taken_in_a_seeded_order(tokenizer, tmp_path):
     texts = [tokenizer.decode(r[m.bool()]) for r, m in zip(ids, masks, strict=True)]
     numbers = [int(t.split("question")[1].split("<")[0]) for t in texts]
     assert sorted(numbers) == list(range(12)) and numbers != list(range(12)), "all records, in the seed's order"
+
+
+def test_a_smaller_draw_is_a_prefix_of_a_larger_one(tokenizer, tmp_path):
+    # `measured` uses the first `measured_samples` of the calibration set: they must not depend on `num_samples`
+    text = tmp_path / "numbered.txt"
+    text.write_text(" ".join(f"w{i}" for i in range(3000)))
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("\n".join(json.dumps({"text": f"document {i} " + "words " * 40}) for i in range(40)))
+    for source in (None, str(text), str(docs)):
+        small = build_calibration_set(tokenizer, source, num_samples=4, seq_len=16, seed=3)
+        large = build_calibration_set(tokenizer, source, num_samples=12, seq_len=16, seed=3)
+        assert torch.equal(large.input_ids[:4], small.input_ids), source
+        assert not torch.equal(large.input_ids[4:8], small.input_ids), "the rest is not a repeat"
