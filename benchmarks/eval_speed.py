@@ -39,6 +39,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument(
+        "--batch-sizes", default="1,8", help="decode batches measured (the first is the one the goal column judges)"
+    )
+    parser.add_argument(
+        "--blocks", default="", help='blocks per M instead of choosing them, e.g. "6=13,14,15,16,17,18;2=4,17"'
+    )
     parser.add_argument("--eval-dir", default="eval_data")
     parser.add_argument("--output", default="docs/results")
     args = parser.parse_args()
@@ -47,12 +53,22 @@ def main() -> None:
     source = resolve_model(model_arg, None)
     model, tokenizer = load_model(source, dtype="float32")
     config = BlockRemovalConfig(model=model_arg, seq_len=128, top_k=8, validation_samples=16)
-    tasks = [str(Path(args.eval_dir) / f"{t}.jsonl") for t in args.tasks.split(",")]
-    began = time.perf_counter()
-    artifact = calibrate(model, tokenizer, config, source, progress=False)
-    print(f"measured Hessian: {time.perf_counter() - began:.0f} s", flush=True)
+    tasks = [str(Path(args.eval_dir) / f"{t}.jsonl") for t in args.tasks.split(",") if t]
+    given = {
+        int(m): [int(b) for b in blocks.split(",")]
+        for m, blocks in (item.split("=") for item in args.blocks.split(";") if item)
+    }
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    removes = [int(x) for x in args.removes.split(",")]
+    artifact = None
+    if any(m not in given for m in removes):
+        began = time.perf_counter()
+        artifact = calibrate(model, tokenizer, config, source, progress=False)
+        print(f"measured Hessian: {time.perf_counter() - began:.0f} s", flush=True)
 
     def scores(removed=()):
+        if not tasks:
+            return {}
         began = time.perf_counter()
         out = evaluate_tasks(model, tokenizer, tasks, removed=removed, limit=args.limit, batch_size=8)
         print(f"  harness {time.perf_counter() - began:.0f} s", flush=True)
@@ -60,72 +76,85 @@ def main() -> None:
 
     rows = [{"M": 0, "blocks": [], "scores": scores(), "speed": None}]
     print(json.dumps(rows[-1]), flush=True)
-    for m in [int(x) for x in args.removes.split(",")]:
-        selection, _ = choose_blocks(model, tokenizer, config.replace(num_remove=m), source, artifact, progress=False)
-        pruned = remove_blocks(copy.deepcopy(model), selection.blocks)
-        report = benchmark(
-            {"original": model, "pruned": pruned},
-            prompt_len=args.prompt_len,
-            new_tokens=args.new_tokens,
-            repeats=args.repeats,
-        )
+    for m in removes:
+        if m in given:
+            blocks = given[m]
+        else:
+            config_m = config.replace(num_remove=m)
+            blocks = choose_blocks(model, tokenizer, config_m, source, artifact, progress=False)[0].blocks
+        pruned = remove_blocks(copy.deepcopy(model), blocks)
+        speed = {}
+        for batch in batch_sizes:
+            report = benchmark(
+                {"original": model, "pruned": pruned},
+                prompt_len=args.prompt_len,
+                new_tokens=args.new_tokens,
+                batch_size=batch,
+                repeats=args.repeats,
+            )
+            speed[batch] = report.to_dict()
+            print(report.markdown(), flush=True)
         del pruned
-        rows.append(
-            {"M": m, "blocks": selection.blocks, "scores": scores(selection.blocks), "speed": report.to_dict()}
-        )
+        rows.append({"M": m, "blocks": blocks, "scores": scores(blocks), "speed": speed})
         print(json.dumps(rows[-1]), flush=True)
-        print(report.markdown(), flush=True)
-    write(args, rows, config)
+    write(args, rows, config, batch_sizes)
 
 
-def write(args, rows, config) -> None:
+def write(args, rows, config, batch_sizes) -> None:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     name = f"eval_speed_{args.model}"
     tasks = list(rows[0]["scores"])
-    n = None
+    first = batch_sizes[0]
+    chosen = "given with --blocks" if args.blocks else "chosen as the README's main command chooses them"
     lines = [
         f"# Harness scores and measured speed: {args.model}",
         "",
         f"Command: `python benchmarks/eval_speed.py --model {args.model} --removes {args.removes} --limit {args.limit} "
-        "--eval-dir eval_data`. Blocks chosen as the README's main command chooses them (measured Hessian, validation "
-        f"selection over {config.top_k} states). lm-evaluation-harness accuracy (acc / acc_norm) on the first "
-        f"{args.limit} items of local task files; speed of the physically pruned model vs the original, prompt "
-        f"{args.prompt_len} tokens, {args.new_tokens} decode steps with the KV cache, median of {args.repeats} "
-        "interleaved runs.",
+        f"--batch-sizes {args.batch_sizes}"
+        + (f' --blocks "{args.blocks}"' if args.blocks else "")
+        + (f" --tasks {args.tasks}" if args.tasks != "hellaswag,arc_challenge,boolq" else "")
+        + f" --eval-dir eval_data`. Blocks {chosen} (measured Hessian, validation selection over {config.top_k} "
+        f"states). lm-evaluation-harness accuracy (acc / acc_norm) on the first {args.limit} items of local task "
+        f"files; speed of the physically pruned model vs the original, prompt {args.prompt_len} tokens, "
+        f"{args.new_tokens} greedy decode steps with the KV cache (prefill computes the LM head for the last "
+        f"position only, as `generate` does), median of {args.repeats} interleaved runs, batch {args.batch_sizes}.",
         "",
         "| M | blocks removed | "
-        + " | ".join(f"{t} acc / acc_norm" for t in tasks)
-        + " | prefill speed-up | decode speed-up | ideal N/(N−M) | decode ≥ 0.9 × ideal | KV cache MB |",
-        "| --- | --- | " + " | ".join("---" for _ in tasks) + " | --- | --- | --- | --- | --- |",
+        + "".join(f"{t} acc / acc_norm | " for t in tasks)
+        + "".join(f"prefill speed-up b={b} | decode speed-up b={b} | " for b in batch_sizes)
+        + f"ideal N/(N−M) | decode b={first} ≥ 0.9 × ideal | KV cache MB (b={first}) |",
+        "| --- | --- | " + "--- | " * (len(tasks) + 2 * len(batch_sizes) + 3),
     ]
     csv_rows = []
     for r in rows:
         cells = [f"{r['scores'][t]['acc']:.3f} / {r['scores'][t].get('acc_norm', float('nan')):.3f}" for t in tasks]
-        speed = r["speed"]
-        if speed is None:
-            speed_cells = ["", "", "", "", ""]
-        else:
-            original, pruned = speed["models"]["original"], speed["models"]["pruned"]
-            n = original["layers"]
-            ideal = n / pruned["layers"]
-            decode = pruned["decode_tokens_per_s_ratio"]
-            speed_cells = [
-                f"{pruned['prefill_tokens_per_s_ratio']:.3f}×",
-                f"{decode:.3f}×",
-                f"{ideal:.3f}×",
-                "yes" if decode >= 0.9 * ideal else f"no ({decode / ideal:.2f} of ideal)",
-                f"{original['kv_cache_bytes'] / 2**20:.2f} → {pruned['kv_cache_bytes'] / 2**20:.2f}",
-            ]
-        lines.append(f"| {r['M']} | {r['blocks']} | " + " | ".join(cells + speed_cells) + " |")
         flat = {"M": r["M"], "blocks": " ".join(map(str, r["blocks"]))}
         for t in tasks:
             flat[f"{t}_acc"] = r["scores"][t]["acc"]
             flat[f"{t}_acc_norm"] = r["scores"][t].get("acc_norm")
-        if speed is not None:
-            flat["decode_speedup"] = speed["models"]["pruned"]["decode_tokens_per_s_ratio"]
-            flat["prefill_speedup"] = speed["models"]["pruned"]["prefill_tokens_per_s_ratio"]
-            flat["ideal"] = speed["models"]["original"]["layers"] / speed["models"]["pruned"]["layers"]
+        if r["speed"] is None:
+            speed_cells = [""] * (2 * len(batch_sizes) + 3)
+        else:
+            speed_cells = []
+            for b in batch_sizes:
+                pruned = r["speed"][b]["models"]["pruned"]
+                speed_cells += [
+                    f"{pruned['prefill_tokens_per_s_ratio']:.3f}×",
+                    f"{pruned['decode_tokens_per_s_ratio']:.3f}×",
+                ]
+                flat[f"prefill_speedup_b{b}"] = pruned["prefill_tokens_per_s_ratio"]
+                flat[f"decode_speedup_b{b}"] = pruned["decode_tokens_per_s_ratio"]
+            original, pruned = r["speed"][first]["models"]["original"], r["speed"][first]["models"]["pruned"]
+            ideal = original["layers"] / pruned["layers"]
+            decode = pruned["decode_tokens_per_s_ratio"]
+            flat["ideal"] = ideal
+            speed_cells += [
+                f"{ideal:.3f}×",
+                "yes" if decode >= 0.9 * ideal else f"no ({decode / ideal:.3f} of ideal)",
+                f"{original['kv_cache_bytes'] / 2**20:.2f} → {pruned['kv_cache_bytes'] / 2**20:.2f}",
+            ]
+        lines.append(f"| {r['M']} | {r['blocks']} | " + " | ".join(cells + speed_cells) + " |")
         csv_rows.append(flat)
     (out / f"{name}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     with (out / f"{name}.csv").open("w", newline="", encoding="utf-8") as handle:
@@ -148,19 +177,21 @@ def write(args, rows, config) -> None:
     left.legend(fontsize=7)
     left.set_title(f"{args.model}: accuracy vs M")
     timed = [r for r in rows if r["speed"]]
+    for b, marker in zip(batch_sizes, "osd^v", strict=False):
+        for metric, style in (("decode", "-"), ("prefill", "--")):
+            right.plot(
+                [r["M"] for r in timed],
+                [r["speed"][b]["models"]["pruned"][f"{metric}_tokens_per_s_ratio"] for r in timed],
+                marker + style,
+                label=f"{metric}, batch {b} (measured)",
+            )
+    layers = [r["speed"][first]["models"] for r in timed]
     right.plot(
         [r["M"] for r in timed],
-        [r["speed"]["models"]["pruned"]["decode_tokens_per_s_ratio"] for r in timed],
-        "o-",
-        label="decode (measured)",
+        [x["original"]["layers"] / x["pruned"]["layers"] for x in layers],
+        "k:",
+        label="ideal N/(N−M)",
     )
-    right.plot(
-        [r["M"] for r in timed],
-        [r["speed"]["models"]["pruned"]["prefill_tokens_per_s_ratio"] for r in timed],
-        "s-",
-        label="prefill (measured)",
-    )
-    right.plot([r["M"] for r in timed], [n / (n - r["M"]) for r in timed], "k:", label="ideal N/(N−M)")
     right.set_xlabel("blocks removed (M)")
     right.set_ylabel("speed-up over the original")
     right.legend(fontsize=7)

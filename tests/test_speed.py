@@ -78,3 +78,15 @@ def test_bench_command_compares_with_the_original_named_in_the_provenance(tiny_m
 def test_bench_refuses_a_folder_without_provenance_and_no_baseline(tiny_model_dir, capsys):
     assert main(["bench", "--model", str(tiny_model_dir)]) == 2
     assert "block_removal.json" in capsys.readouterr().err
+
+
+def test_prefill_computes_the_head_for_the_last_position_only_as_generate_does():
+    model = make_model(tiny_llama_config())
+    shapes = []
+    handle = model.lm_head.register_forward_hook(lambda module, args, out: shapes.append(tuple(out.shape)))
+    try:
+        measure_once(model, torch.randint(3, 256, (2, 10)), new_tokens=3)
+    finally:
+        handle.remove()
+    assert shapes[0][:2] == (2, 1), "the prompt's logits are computed for its last position only"
+    assert len(shapes) == 4 and all(s[:2] == (2, 1) for s in shapes)

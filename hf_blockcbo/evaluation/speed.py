@@ -84,11 +84,15 @@ class RunResult:
     peak_bytes: int | None
 
 
-def _cache_kwarg(model: nn.Module) -> str:
-    """transformers ≥ 5.2x names the KV cache `cache`; earlier versions (and some models) `past_key_values`."""
+def _accepts(model: nn.Module, argument: str) -> bool:
     import inspect
 
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return argument in inspect.signature(model.forward).parameters
+
+
+def _cache_kwarg(model: nn.Module) -> str:
+    """transformers ≥ 5.2x names the KV cache `cache`; earlier versions (and some models) `past_key_values`."""
+    return "cache" if _accepts(model, "cache") else "past_key_values"
 
 
 def _cache_of(output):
@@ -107,9 +111,11 @@ def measure_once(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> Run
     else:
         base = _cpu_peak_reset()
     cache_kwarg = _cache_kwarg(model)
+    # as `generate` does: the prefill computes the LM head for the last position only
+    last_only = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     _sync(device)
     began = time.perf_counter()
-    out = model(input_ids=prompt, use_cache=True)
+    out = model(input_ids=prompt, use_cache=True, **last_only)
     _sync(device)
     prefill = time.perf_counter() - began
     past, token = _cache_of(out), out.logits[:, -1:].argmax(-1)
