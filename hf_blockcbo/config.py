@@ -57,7 +57,8 @@ class BlockRemovalConfig:
         default=0,
         metadata={
             "help": "measured: re-expand the damage around the current ground state this many times for the chosen "
-            "M (each round measures about as many states as the first pass; stops early once the ground state stays)."
+            "M and solve within two swaps of it (each round measures about as many states as the first pass; stops "
+            "early once the ground state stays)."
         },
     )
     damage: str = field(

@@ -99,6 +99,8 @@ def test_rounds_end_at_a_ground_state_that_no_swap_improves(tiny_llama, tokenize
     assert records[0]["centre"] == list(first.candidates[0].blocks)
     for earlier, later in zip(records, records[1:], strict=False):
         assert later["centre"] == earlier["ground_state"]
+    for record in records:  # the trust region: a round moves at most two swaps
+        assert len(set(record["ground_state"]) - set(record["centre"])) <= record["swaps"] == 2
     ground = list(result.candidates[0].blocks)
     assert ground == records[-1]["ground_state"]
     if ground == records[-1]["centre"]:  # converged: no swap of the ground state is measured to do less damage

@@ -289,3 +289,49 @@ def test_branch_and_bound_stops_inside_a_huge_subtree_at_the_time_limit():
     result = solve(hessian_like(80, seed=3200), 40, top_k=50, method="bnb", time_limit=1.0)
     assert time.perf_counter() - start < 4.0, "C(80, 40): the timer stops the compiled search mid-subtree"
     assert not result.certified and len(result.candidates) == 50 and result.lower_bound is not None
+
+
+@pytest.mark.parametrize("swaps", [0, 1, 2, 3])
+def test_the_neighbourhood_solver_is_the_brute_force_within_the_trust_region(swaps):
+    from hf_blockcbo.solvers import Constraints
+    from hf_blockcbo.solvers.neighbourhood import region_size, solve_near
+
+    rng = np.random.default_rng(swaps)
+    n, m, centre = 9, 4, [1, 3, 4, 7]
+    a = rng.normal(size=(n, n))
+    Q = a + a.T  # indefinite, as an extrapolated expansion can be
+    kinds = ["attention", "mlp"] * 4 + ["attention"]
+    cases = [((), None), ((3, 8), None), ((), Constraints(per_kind={"attention": 2}, kinds=kinds))]
+    for protected, constraints in cases:
+        states = [
+            s
+            for s in itertools.combinations(range(n), m)
+            if len(set(s) - set(centre)) <= swaps
+            and not set(s) & set(protected)
+            and (constraints is None or constraints.admits(s))
+        ]
+        expected = sorted((energy(Q, s), s) for s in states)[:5]
+        if not expected:  # 0 swaps of a centre that removes a protected block
+            with pytest.raises(BlockCBOError, match="no state within"):
+                solve_near(Q, centre, swaps=swaps, protected=protected, constraints=constraints)
+            continue
+        result = solve_near(Q, centre, swaps=swaps, top_k=5, protected=protected, constraints=constraints)
+        assert [c.blocks for c in result.candidates] == [s for _, s in expected]
+        assert [c.energy for c in result.candidates] == pytest.approx([e for e, _ in expected])
+        assert result.certified and result.method == "neighbourhood"
+    every = [s for s in itertools.combinations(range(n), m) if len(set(s) - set(centre)) <= swaps]
+    assert region_size(n, m, swaps) == len(every)
+
+
+def test_the_neighbourhood_solver_refuses_bad_input():
+    from hf_blockcbo.solvers.neighbourhood import solve_near
+
+    Q = np.eye(5)
+    with pytest.raises(BlockCBOError, match="centre"):
+        solve_near(Q, [], swaps=1)
+    with pytest.raises(BlockCBOError, match="centre"):
+        solve_near(Q, [2, 7], swaps=1)
+    with pytest.raises(BlockCBOError, match="swaps"):
+        solve_near(Q, [1, 2], swaps=-1)
+    with pytest.raises(BlockCBOError, match="no state within 0 swaps"):
+        solve_near(Q, [1, 2], swaps=0, protected=[2])

@@ -90,3 +90,26 @@ def test_prefill_computes_the_head_for_the_last_position_only_as_generate_does()
         handle.remove()
     assert shapes[0][:2] == (2, 1), "the prompt's logits are computed for its last position only"
     assert len(shapes) == 4 and all(s[:2] == (2, 1) for s in shapes)
+
+
+def test_a_speed_up_is_the_median_of_back_to_back_ratios():
+    from hf_blockcbo.evaluation.speed import ModelSpeed, RunResult, SpeedReport
+
+    def runs(decode_seconds):
+        return [RunResult(1.0, d, 0, None) for d in decode_seconds]
+
+    # the machine slows down 2× halfway: each back-to-back pair still says "twice as fast"
+    original = ModelSpeed(4, 0, runs([1.0, 1.0, 2.0, 2.0, 2.0]))
+    pruned = ModelSpeed(2, 0, runs([0.5, 0.5, 1.0, 1.0, 1.0]))
+    report = SpeedReport("cpu", 8, 10, 1, 5, {"original": original, "pruned": pruned})
+    assert report.ratio("decode_tokens_per_s", "pruned", "original") == pytest.approx(2.0)
+    assert report.paired_ratios("decode_tokens_per_s", "pruned", "original") == pytest.approx([2.0] * 5)
+    # a drift that hits the pruned model in more repetitions: the ratio of the medians would say 0.67× (slower)
+    drifting = ModelSpeed(4, 0, runs([1.0, 1.0, 1.0, 3.0, 3.0]))
+    faster = ModelSpeed(2, 0, runs([0.5, 0.5, 1.5, 1.5, 1.5]))
+    skewed = SpeedReport("cpu", 8, 10, 1, 5, {"original": drifting, "pruned": faster})
+    assert skewed.ratio("decode_tokens_per_s", "pruned", "original") == pytest.approx(2.0)
+    medians = skewed.median("pruned", "decode_tokens_per_s") / skewed.median("original", "decode_tokens_per_s")
+    assert medians == pytest.approx(2 / 3)
+    assert skewed.to_dict()["models"]["pruned"]["decode_tokens_per_s_ratio_spread"] == pytest.approx([2 / 3, 2.0])
+    assert "2.000× (0.667–2.000)" in skewed.markdown()

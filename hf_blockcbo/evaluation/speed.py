@@ -4,7 +4,8 @@ For each model: prefill tokens/s over a prompt, decode tokens/s of greedy genera
 size after generation, the weights' size and the peak working memory of a run (CUDA: peak allocated; Linux CPU: the
 rise of the process's peak resident set, reset before each run). Models are measured interleaved (A, B, A, B, ...)
 after warm-up runs that are not counted, so drifting clocks or caches hit every model alike; the report gives the
-median and the spread (min–max) of the repetitions.
+median and the spread (min–max) of the repetitions, and a speed-up is the median of the per-repetition ratios (the
+runs of one repetition are measured back to back).
 
 ```python
 report = benchmark({"original": model, "pruned": pruned}, prompt_len=128, new_tokens=64, repeats=5)
@@ -170,9 +171,19 @@ class SpeedReport:
     def _values(self, name: str, metric: str) -> list[float]:
         return self.models[name].values(metric, self.prompt_len * self.batch_size, self.new_tokens * self.batch_size)
 
+    def paired_ratios(self, metric: str, name: str, reference: str) -> list[float]:
+        """``name`` over ``reference`` in each repetition: the two runs of a repetition are measured back to back, so
+        a clock or a neighbour that drifts between repetitions cancels out of each ratio."""
+        return [a / b for a, b in zip(self._values(name, metric), self._values(reference, metric), strict=True)]
+
     def ratio(self, metric: str, name: str, reference: str) -> float:
-        """Median of ``name`` over median of ``reference`` (a speed-up when > 1)."""
-        return self.median(name, metric) / self.median(reference, metric)
+        """The median of the paired ratios (a speed-up when > 1)."""
+        return statistics.median(self.paired_ratios(metric, name, reference))
+
+    def _ratio_cell(self, metric: str, name: str, reference: str) -> str:
+        paired = self.paired_ratios(metric, name, reference)
+        spread = f" ({min(paired):.3f}–{max(paired):.3f})" if name != reference else ""
+        return f"{self.ratio(metric, name, reference):.3f}×{spread}"
 
     def kv_cache_bytes(self, name: str) -> int:
         return max(r.kv_cache_bytes for r in self.models[name].runs)
@@ -197,6 +208,8 @@ class SpeedReport:
                 low, high = self.spread(name, metric)
                 row[metric] = {"median": self.median(name, metric), "min": low, "max": high}
                 row[f"{metric}_ratio"] = self.ratio(metric, name, reference)
+                paired = self.paired_ratios(metric, name, reference)
+                row[f"{metric}_ratio_spread"] = [min(paired), max(paired)]
             row["kv_cache_bytes"] = self.kv_cache_bytes(name)
             row["peak_working_bytes"] = self.peak_bytes(name)
             out["models"][name] = row
@@ -208,7 +221,7 @@ class SpeedReport:
         lines = [
             f"Measured on {self.device}: prompt {self.prompt_len} tokens, {self.new_tokens} greedy decode steps with "
             f"the KV cache, batch {self.batch_size}; median (min–max) of {self.repeats} interleaved runs after "
-            "warm-up.",
+            "warm-up; the speed-up is the median (min–max) of the ratios of runs measured back to back.",
             "",
             "| model | blocks | prefill tok/s | decode tok/s | decode speed-up | ideal N/(N−M) | weights MB | "
             "KV cache MB | peak working MB |",
@@ -222,7 +235,7 @@ class SpeedReport:
             peak = self.peak_bytes(name)
             lines.append(
                 f"| {name} | {speed.layers} | {cells[0]} | {cells[1]} | "
-                f"{self.ratio('decode_tokens_per_s', name, reference):.3f}× | {ref_layers / speed.layers:.3f}× | "
+                f"{self._ratio_cell('decode_tokens_per_s', name, reference)} | {ref_layers / speed.layers:.3f}× | "
                 f"{speed.weights_bytes / 2**20:.1f} | {self.kv_cache_bytes(name) / 2**20:.2f} | "
                 f"{'n/a' if peak is None else f'{peak / 2**20:.1f}'} |"
             )

@@ -37,6 +37,15 @@ class Constraints:
     def active(self) -> bool:
         return bool(self.per_kind) or self.min_removed_parameters > 0
 
+    def admits(self, removed: Sequence[int]) -> bool:
+        """Whether removing exactly the blocks ``removed`` meets every per-kind count and the parameter budget."""
+        for kind, count in self.per_kind.items():
+            if count >= 0 and sum(self.kinds[i] == kind for i in removed) != count:
+                return False
+        if self.min_removed_parameters > 0:
+            return sum(self.block_parameters[i] for i in removed) >= self.min_removed_parameters
+        return True
+
     def encode(self, index_map: np.ndarray, num_remove: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
         """(kind id per variable, required count per kind id (-1 = free), weights, min weight) for the reduced problem."""
         n = len(index_map)

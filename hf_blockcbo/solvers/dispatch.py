@@ -7,6 +7,7 @@ from ..errors import BlockCBOError
 from ..hessian.artifact import HessianArtifact
 from . import Constraints, SolveResult, solve
 from .base import available_solvers, check_counts
+from .neighbourhood import solve_near
 
 
 def check_solvable(
@@ -35,6 +36,20 @@ def check_solvable(
             )
 
 
+def artifact_constraints(artifact: HessianArtifact, config: BlockRemovalConfig) -> Constraints:
+    """The per-kind counts and parameter budget of ``config`` over ``artifact``'s blocks."""
+    budget = 0
+    if config.param_budget:
+        total = int(artifact.metadata.get("num_parameters") or 0) or sum(artifact.block_num_parameters)
+        budget = int(total * config.param_budget / 100.0)
+    return Constraints(
+        per_kind=config.per_kind,
+        kinds=artifact.block_kinds,
+        min_removed_parameters=budget,
+        block_parameters=artifact.block_num_parameters,
+    )
+
+
 def solve_artifact(artifact: HessianArtifact, config: BlockRemovalConfig, Q=None) -> SolveResult:
     """The ``config.top_k`` lowest states for removing ``config.num_remove`` blocks (of ``Q`` when given, e.g. a
     round's re-expansion, else the artifact's energy matrix; the constraints are the same)."""
@@ -45,16 +60,7 @@ def solve_artifact(artifact: HessianArtifact, config: BlockRemovalConfig, Q=None
             f"cannot remove {config.num_remove} of {artifact.num_blocks} blocks; choose K in 1..{artifact.num_blocks - 1}"
         )
     Q = artifact.energy_matrix(config.beta).numpy() if Q is None else Q
-    budget = 0
-    if config.param_budget:
-        total = int(artifact.metadata.get("num_parameters") or 0) or sum(artifact.block_num_parameters)
-        budget = int(total * config.param_budget / 100.0)
-    constraints = Constraints(
-        per_kind=config.per_kind,
-        kinds=artifact.block_kinds,
-        min_removed_parameters=budget,
-        block_parameters=artifact.block_num_parameters,
-    )
+    constraints = artifact_constraints(artifact, config)
     return solve(
         Q,
         config.num_remove,
@@ -64,4 +70,17 @@ def solve_artifact(artifact: HessianArtifact, config: BlockRemovalConfig, Q=None
         seed=config.seed,
         time_limit=config.time_limit,
         constraints=constraints,
+    )
+
+
+def solve_artifact_near(artifact: HessianArtifact, config: BlockRemovalConfig, Q, centre, swaps: int) -> SolveResult:
+    """The ``config.top_k`` lowest states of ``Q`` within ``swaps`` swaps of ``centre`` (a round's trust region), with
+    ``config``'s protected blocks and constraints."""
+    return solve_near(
+        Q,
+        centre,
+        swaps=swaps,
+        top_k=config.top_k,
+        protected=config.protected,
+        constraints=artifact_constraints(artifact, config),
     )
