@@ -100,25 +100,42 @@ def main() -> None:
     write(args, rows, config, batch_sizes)
 
 
+def _speed_up(row: dict, metric: str) -> str:
+    low, high = row[f"{metric}_tokens_per_s_ratio_spread"]
+    return f"{row[f'{metric}_tokens_per_s_ratio']:.3f}× ({low:.2f}–{high:.2f})"
+
+
 def write(args, rows, config, batch_sizes) -> None:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     name = f"eval_speed_{args.model}"
     tasks = list(rows[0]["scores"])
     first = batch_sizes[0]
-    chosen = "given with --blocks" if args.blocks else "chosen as the README's main command chooses them"
+    chosen = (
+        "given with --blocks"
+        if args.blocks
+        else f"chosen as the README's main command chooses them (measured Hessian, validation selection over "
+        f"{config.top_k} states)"
+    )
+    harness = (
+        f" lm-evaluation-harness accuracy (acc / acc_norm) on the first {args.limit} items of local task files;"
+        if tasks
+        else ""
+    )
     lines = [
         f"# Harness scores and measured speed: {args.model}",
         "",
-        f"Command: `python benchmarks/eval_speed.py --model {args.model} --removes {args.removes} --limit {args.limit} "
-        f"--batch-sizes {args.batch_sizes}"
+        f"Command: `python benchmarks/eval_speed.py --model {args.model} --removes {args.removes}"
+        + (f" --limit {args.limit}" if tasks else "")
+        + f" --batch-sizes {args.batch_sizes} --repeats {args.repeats}"
         + (f' --blocks "{args.blocks}"' if args.blocks else "")
-        + (f" --tasks {args.tasks}" if args.tasks != "hellaswag,arc_challenge,boolq" else "")
-        + f" --eval-dir eval_data`. Blocks {chosen} (measured Hessian, validation selection over {config.top_k} "
-        f"states). lm-evaluation-harness accuracy (acc / acc_norm) on the first {args.limit} items of local task "
-        f"files; speed of the physically pruned model vs the original, prompt {args.prompt_len} tokens, "
-        f"{args.new_tokens} greedy decode steps with the KV cache (prefill computes the LM head for the last "
-        f"position only, as `generate` does), median of {args.repeats} interleaved runs, batch {args.batch_sizes}.",
+        + (f' --tasks "{args.tasks}"' if args.tasks != "hellaswag,arc_challenge,boolq" else "")
+        + f" --eval-dir eval_data`. Blocks {chosen}.{harness} {'speed' if tasks else 'Speed'} of the physically "
+        "pruned model vs the original, "
+        f"prompt {args.prompt_len} tokens, {args.new_tokens} greedy decode steps with the KV cache (prefill computes "
+        f"the LM head for the last position only, as `generate` does), {args.repeats} interleaved runs per batch "
+        f"size ({args.batch_sizes}) after a warm-up; a speed-up is the median of the ratios of runs measured back to "
+        "back.",
         "",
         "| M | blocks removed | "
         + "".join(f"{t} acc / acc_norm | " for t in tasks)
@@ -139,10 +156,7 @@ def write(args, rows, config, batch_sizes) -> None:
             speed_cells = []
             for b in batch_sizes:
                 pruned = r["speed"][b]["models"]["pruned"]
-                speed_cells += [
-                    f"{pruned['prefill_tokens_per_s_ratio']:.3f}×",
-                    f"{pruned['decode_tokens_per_s_ratio']:.3f}×",
-                ]
+                speed_cells += [_speed_up(pruned, "prefill"), _speed_up(pruned, "decode")]
                 flat[f"prefill_speedup_b{b}"] = pruned["prefill_tokens_per_s_ratio"]
                 flat[f"decode_speedup_b{b}"] = pruned["decode_tokens_per_s_ratio"]
             original, pruned = r["speed"][first]["models"]["original"], r["speed"][first]["models"]["pruned"]
@@ -174,7 +188,8 @@ def write(args, rows, config, batch_sizes) -> None:
         left.plot(ms, [r["scores"][t]["acc"] for r in rows], "o-", label=t)
     left.set_xlabel("blocks removed (M)")
     left.set_ylabel("harness accuracy")
-    left.legend(fontsize=7)
+    if tasks:
+        left.legend(fontsize=7)
     left.set_title(f"{args.model}: accuracy vs M")
     timed = [r for r in rows if r["speed"]]
     for b, marker in zip(batch_sizes, "osd^v", strict=False):
