@@ -183,7 +183,7 @@ class SpeedReport:
     def _ratio_cell(self, metric: str, name: str, reference: str) -> str:
         paired = self.paired_ratios(metric, name, reference)
         spread = f" ({min(paired):.3f}–{max(paired):.3f})" if name != reference else ""
-        return f"{self.ratio(metric, name, reference):.3f}×{spread}"
+        return f"{statistics.median(paired):.3f}×{spread}"
 
     def kv_cache_bytes(self, name: str) -> int:
         return max(r.kv_cache_bytes for r in self.models[name].runs)
@@ -207,8 +207,8 @@ class SpeedReport:
             for metric in METRICS:
                 low, high = self.spread(name, metric)
                 row[metric] = {"median": self.median(name, metric), "min": low, "max": high}
-                row[f"{metric}_ratio"] = self.ratio(metric, name, reference)
                 paired = self.paired_ratios(metric, name, reference)
+                row[f"{metric}_ratio"] = statistics.median(paired)  # = self.ratio(metric, name, reference)
                 row[f"{metric}_ratio_spread"] = [min(paired), max(paired)]
             row["kv_cache_bytes"] = self.kv_cache_bytes(name)
             row["peak_working_bytes"] = self.peak_bytes(name)
