@@ -12,6 +12,12 @@ def _gemma3() -> str:
 MODELS = {"smollm2": lambda: None, "gemma3": _gemma3}
 
 
+def blocks_at(text: str) -> tuple[int, list[int]]:
+    """`"6=7,8,9,14,15,17"` → `(6, [7, 8, 9, 14, 15, 17])`: a state given on the command line, with its M."""
+    m, blocks = text.split("=")
+    return int(m), [int(b) for b in blocks.split(",")]
+
+
 def model_argument(name: str) -> str | None:
     """The `--model` value of a short name (`smollm2`: the embedded default, `gemma3`: the assembled GGUF); any other
     name is passed through as an hf-blockcbo `--model` value."""

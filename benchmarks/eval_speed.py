@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from _models import model_argument  # benchmarks/_models.py (run as `python benchmarks/<name>.py`)
+from _models import blocks_at, model_argument  # benchmarks/_models.py (run as `python benchmarks/<name>.py`)
 
 from hf_blockcbo.config import BlockRemovalConfig
 from hf_blockcbo.evaluation.harness import evaluate_tasks
@@ -54,10 +54,7 @@ def main() -> None:
     model, tokenizer = load_model(source, dtype="float32")
     config = BlockRemovalConfig(model=model_arg, seq_len=128, top_k=8, validation_samples=16)
     tasks = [str(Path(args.eval_dir) / f"{t}.jsonl") for t in args.tasks.split(",") if t]
-    given = {
-        int(m): [int(b) for b in blocks.split(",")]
-        for m, blocks in (item.split("=") for item in args.blocks.split(";") if item)
-    }
+    given = dict(blocks_at(item) for item in args.blocks.split(";") if item)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     removes = [int(x) for x in args.removes.split(",")]
     artifact = None

@@ -18,7 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _models import held_out_tests, model_argument  # benchmarks/_models.py (run as `python benchmarks/<name>.py`)
+from _models import (  # benchmarks/_models.py (run as `python benchmarks/<name>.py`)
+    blocks_at,
+    held_out_tests,
+    model_argument,
+)
 
 from hf_blockcbo.config import BlockRemovalConfig
 from hf_blockcbo.data import CalibrationSet
@@ -177,8 +181,8 @@ def main() -> None:
             evaluate(method, m, chosen.blocks, "", time.perf_counter() - t0, tokens)
     for item in [i for i in args.states.split(";") if i]:
         label, rest = item.split("@")
-        m, blocks = rest.split("=")
-        evaluate(label, int(m), [int(b) for b in blocks.split(",")], "fixed", 0.0, 0)
+        m, blocks = blocks_at(rest)
+        evaluate(label, m, blocks, "fixed", 0.0, 0)
     write(args, name, rows, tests, unpruned, removes, notes)
 
 
