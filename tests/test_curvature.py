@@ -158,3 +158,66 @@ def test_beta_is_refused_for_estimators_without_a_data_gradient():
         BlockRemovalConfig(curvature="fisher", beta=1.0)
     with pytest.raises(BlockCBOError, match="curvature must be one of"):
         BlockRemovalConfig(curvature="hutchinson")
+
+
+def test_chunked_logsumexp_and_target_logits_equal_the_full_head(monkeypatch):
+    from hf_blockcbo.hessian import head_kl
+
+    monkeypatch.setattr(head_kl, "_MIN_CHUNK", 7)  # 50 entries in 8 chunks, the last one short
+    monkeypatch.setattr(head_kl, "_CHUNK_BYTES", 1)
+    g = torch.Generator().manual_seed(0)
+    head = head_kl.LinearHead(torch.randn(50, 6, generator=g) * 3, torch.randn(50, generator=g))
+    hidden, targets = torch.randn(9, 6, generator=g), torch.randint(0, 50, (9,), generator=g)
+    logits = hidden @ head.weight.T + head.bias
+    torch.testing.assert_close(head.logsumexp(hidden), torch.logsumexp(logits, -1))
+    torch.testing.assert_close(head.target_logits(hidden, targets), logits.gather(-1, targets[:, None])[:, 0])
+    probs = torch.softmax(torch.randn(2, 3, 50, generator=g), -1)
+    p_weight, p_bias = head.reference_terms(probs)
+    z = torch.randn(2, 3, 6, generator=g)
+    torch.testing.assert_close((z * p_weight).sum(-1) + p_bias, (probs * (z @ head.weight.T + head.bias)).sum(-1))
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gemma3"])
+def test_chunked_head_gives_the_full_logits_damage(fixture, request, monkeypatch):
+    from hf_blockcbo.hessian import head_kl
+    from hf_blockcbo.hessian.measured import FastPaths, fast_paths
+
+    monkeypatch.setattr(head_kl, "_MIN_CHUNK", 16)
+    monkeypatch.setattr(head_kl, "_CHUNK_BYTES", 1)  # 256 entries in 16 chunks
+    model = request.getfixturevalue(fixture)
+    cal = _samples(m=3)
+    configs = [(0,), (1, 3), (2,), (3, 5)]
+    head = head_kl.LinearHead.of(model)
+    assert head is not None
+    with torch.no_grad(), BlockGates(model) as gates:
+        full_ref = reference_pass(model, gates.layers, cal.input_ids, cal.attention_mask)
+        chunked_ref = reference_pass(model, gates.layers, cal.input_ids, cal.attention_mask, head)
+        full = configuration_damage(model, gates, cal.input_ids, cal.attention_mask, configs, full_ref)
+        chunked = configuration_damage(
+            model, gates, cal.input_ids, cal.attention_mask, configs, chunked_ref, True, head
+        )
+        with pytest.raises(BlockCBOError, match="same head"):
+            configuration_damage(model, gates, cal.input_ids, cal.attention_mask, configs, full_ref, True, head)
+        assert fast_paths(model, gates, cal) == FastPaths(share_prefix=True, head=head)
+    assert model.get_output_embeddings() is not None and type(model.get_output_embeddings()) is torch.nn.Linear
+    torch.testing.assert_close(chunked[0], full[0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(chunked[1], full[1], rtol=1e-4, atol=1e-5)
+    plain = measure_damage(model, cal, pairs=None, progress=False, log=lambda _: None, chunked_head=False)
+    fast = measure_damage(model, cal, pairs=None, progress=False, log=lambda _: None)
+    torch.testing.assert_close(fast.per_sample_energy(), plain.per_sample_energy(), rtol=1e-4, atol=1e-6)
+
+
+def test_a_forward_that_changes_the_logits_after_the_head_is_measured_with_full_logits():
+    from hf_blockcbo.hessian.measured import fast_paths
+
+    from .conftest import make_model, tiny_gemma3_config
+
+    model = make_model(tiny_gemma3_config(final_logit_softcapping=2.0))  # Gemma 2's soft-capping, after the head
+    cal = _samples(m=2)
+    with torch.no_grad(), BlockGates(model) as gates:
+        paths = fast_paths(model, gates, cal)
+    assert paths.share_prefix and paths.head is None
+    damage = measure_damage(model, cal, pairs=None, progress=False, log=lambda _: None)
+    direct = _direct_kl(model, cal, (2, 4))
+    q = damage.per_sample_energy().mean(0)
+    assert float(q[[2, 4]][:, [2, 4]].sum()) == pytest.approx(direct, rel=1e-4, abs=1e-7)

@@ -33,12 +33,14 @@ from ..data import CalibrationSet
 from ..errors import BlockCBOError
 from ..surgery.gates import BlockGates
 from .gradients import frozen_eval
+from .head_kl import LinearHead
 
 
 logger = logging.getLogger(__name__)
 
 DAMAGES = ("kl", "ce")
 _LOGIT_BYTES = 1.0e9  # logits held per forward (rows × tokens × vocabulary × 4 bytes)
+_CHUNKED_ROWS = 32  # repeated samples per forward when the head is chunked (no logits are formed)
 
 
 @dataclass
@@ -85,10 +87,15 @@ class Reference:
     ce: torch.Tensor  # [b]
     block_inputs: list[torch.Tensor]
     block_output_is_tuple: bool
+    p_weight: torch.Tensor | None = None  # [b, T-1, d]: Wᵀp of a linear head (chunked-head measurement)
+    p_bias: torch.Tensor | None = None  # [b, T-1]: b·p
 
 
 @torch.no_grad()
-def reference_pass(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, mask: torch.Tensor) -> Reference:
+def reference_pass(
+    model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, mask: torch.Tensor, head: LinearHead | None = None
+) -> Reference:
+    """The unpruned model on one batch; with ``head``, also the terms a chunked-head measurement needs."""
     inputs: dict[int, torch.Tensor] = {}
     kinds: list[bool] = []
 
@@ -112,7 +119,8 @@ def reference_pass(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, m
     valid = _valid_targets(mask)
     picked = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
     ce = (picked * valid).sum(1) / valid.sum(1).clamp_min(1)
-    return Reference(probs, neg_entropy, ce, [inputs[i] for i in range(len(layers))], kinds[0])
+    p_weight, p_bias = head.reference_terms(probs) if head is not None else (None, None)
+    return Reference(probs, neg_entropy, ce, [inputs[i] for i in range(len(layers))], kinds[0], p_weight, p_bias)
 
 
 class _Replay(nn.Module):
@@ -153,12 +161,15 @@ def configuration_damage(
     configurations: Sequence[Sequence[int]],
     reference: Reference,
     share_prefix: bool = True,
+    head: LinearHead | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(KL ``[b, c]``, CE increase ``[b, c]``) of each configuration (blocks switched off) on each sample, in one forward
     over the batch repeated ``c`` times with one row of gate values per repeated sample.
 
     With ``share_prefix`` the blocks before the first removed block of all ``configurations`` are not recomputed.
     KL(p ‖ q) per token is Σ p log p − Σ p·z + logsumexp(z) with z the gated logits: no log-softmax is materialised.
+    With ``head`` (the reference computed with it) the logits are not formed either: the head is applied vocabulary
+    chunk by chunk to the final hidden state (:mod:`hf_blockcbo.hessian.head_kl`).
     """
     b, c = ids.shape[0], len(configurations)
     values = torch.ones(c, b, gates.num_blocks)
@@ -172,14 +183,21 @@ def configuration_damage(
         if first > 0
         else contextlib.nullcontext()
     )
+    if head is not None and reference.p_weight is None:
+        raise BlockCBOError("a chunked-head measurement needs the reference computed with the same head")
     gates.set(values.view(c * b, -1))
     try:
-        with context:
+        with context, head.capture(model) if head is not None else contextlib.nullcontext() as stub:
             logits = model(input_ids=ids.repeat(c, 1), attention_mask=mask.repeat(c, 1), use_cache=False).logits
     finally:
         gates.set(None)
     valid = _valid_targets(mask).to(torch.float64)
     counts = valid.sum(1).clamp_min(1)
+    if head is not None:
+        token_kl, token_ce = _head_damage(head, stub.hidden, ids, reference, c)
+        kl = ((token_kl * valid).sum(-1) / counts).T
+        ce = ((token_ce * valid).sum(-1) / counts).T - reference.ce.double()[:, None]
+        return kl.clamp_min(0.0), ce
     kl = torch.empty(b, c, dtype=torch.float64)
     ce = torch.empty(b, c, dtype=torch.float64)
     for k in range(c):
@@ -190,6 +208,18 @@ def configuration_damage(
         kl[:, k] = (token_kl * valid).sum(1) / counts
         ce[:, k] = (token_ce * valid).sum(1) / counts - reference.ce.double()
     return kl.clamp_min(0.0), ce
+
+
+def _head_damage(head: LinearHead, hidden: torch.Tensor, ids: torch.Tensor, reference: Reference, c: int):
+    """Per-token (KL, CE) ``[c, b, T-1]`` from the final hidden state ``[c·b, T, d]`` of ``c`` configurations."""
+    b, steps = ids.shape[0], ids.shape[1] - 1
+    h = hidden[:, :-1].reshape(c * b * steps, -1)
+    lse = head.logsumexp(h).double().view(c, b, steps)
+    targets = ids[:, 1:].repeat(c, 1).reshape(-1)
+    target = head.target_logits(h, targets).double().view(c, b, steps)
+    weighted = (hidden[:, :-1].double().view(c, b, steps, -1) * reference.p_weight.double()).sum(-1)
+    token_kl = reference.neg_entropy.double() - weighted - reference.p_bias.double() + lse
+    return token_kl, lse - target
 
 
 def _chunks(configurations: list[tuple[int, ...]], per_forward: int):
@@ -203,46 +233,76 @@ def _chunks(configurations: list[tuple[int, ...]], per_forward: int):
             yield group[lo : lo + per_forward]
 
 
-def prefix_sharing_agrees(model, gates, calibration: CalibrationSet) -> bool:
-    """Whether replaying the prefix gives the full forward's damage for a late single removal on one sample (a model
-    whose decoder loop needs more of its layers than their output is measured without sharing)."""
-    device = next(model.parameters()).device
-    ids, mask = calibration.input_ids[:1].to(device), calibration.attention_mask[:1].to(device)
-    reference = reference_pass(model, gates.layers, ids, mask)
-    late = [(gates.num_blocks - 1,)]
+@dataclass
+class FastPaths:
+    """How a model's measured forwards may be shortened, each checked against the full forward once (see
+    :func:`fast_paths`): ``share_prefix`` replays the blocks before the first removed one; ``head`` (a
+    `LinearHead`) applies the LM head chunk by chunk instead of forming the logits."""
+
+    share_prefix: bool = False
+    head: LinearHead | None = None
+
+
+def _shortcut_agrees(name: str, full, measure) -> bool:
     try:
-        shared = configuration_damage(model, gates, ids, mask, late, reference, share_prefix=True)
-    except Exception as err:  # noqa: BLE001 - any failure means: do not share on this model
-        logger.warning("shared-prefix forward failed (%s); measuring with full forwards", err)
+        fast = measure()
+    except Exception as err:  # noqa: BLE001 - any failure means: do not take this shortcut on this model
+        logger.warning("%s forward failed (%s); measuring without it", name, err)
         return False
-    full = configuration_damage(model, gates, ids, mask, late, reference, share_prefix=False)
-    agrees = all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(shared, full, strict=True))
+    agrees = all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(fast, full, strict=True))
     if not agrees:
-        logger.warning("shared-prefix forward differs from the full forward on this model; measuring without it")
+        logger.warning("%s forward differs from the full forward on this model; measuring without it", name)
     return agrees
 
 
-def rows_per_forward(model: nn.Module, seq_len: int) -> int:
-    """Repeated samples one forward may hold so its logits stay near ``_LOGIT_BYTES`` (a 262k vocabulary)."""
-    head = model.get_output_embeddings()
-    vocab = head.weight.shape[0] if head is not None else 1
+def fast_paths(
+    model, gates, calibration: CalibrationSet, share_prefix: bool = True, chunked_head: bool = True
+) -> FastPaths:
+    """The `FastPaths` that give the full forward's damage for a late single removal on one sample (a model whose
+    decoder loop needs more of its layers than their output, or whose forward changes the logits after its head, is
+    measured without that shortcut)."""
+    device = next(model.parameters()).device
+    ids, mask = calibration.input_ids[:1].to(device), calibration.attention_mask[:1].to(device)
+    head = LinearHead.of(model) if chunked_head else None
+    reference = reference_pass(model, gates.layers, ids, mask, head)
+    late = [(gates.num_blocks - 1,)]
+    full = configuration_damage(model, gates, ids, mask, late, reference, share_prefix=False)
+    paths = FastPaths()
+    if share_prefix:
+        paths.share_prefix = _shortcut_agrees(
+            "shared-prefix", full, lambda: configuration_damage(model, gates, ids, mask, late, reference, True)
+        )
+    if head is not None and _shortcut_agrees(
+        "chunked-head", full, lambda: configuration_damage(model, gates, ids, mask, late, reference, False, head)
+    ):
+        paths.head = head
+    return paths
+
+
+def rows_per_forward(model: nn.Module, seq_len: int, head: LinearHead | None = None) -> int:
+    """Repeated samples one forward may hold so its logits stay near ``_LOGIT_BYTES`` (a 262k vocabulary); with a
+    chunked head no logits are formed and the cap is the hidden states' (``_CHUNKED_ROWS``)."""
+    if head is not None:
+        return _CHUNKED_ROWS
+    head_module = model.get_output_embeddings()
+    vocab = head_module.weight.shape[0] if head_module is not None else 1
     return max(1, int(_LOGIT_BYTES // (seq_len * vocab * 4)))
 
 
-def _measure(model, gates, calibration, configurations, batch_size, bar, share_prefix=True):
+def _measure(model, gates, calibration, configurations, batch_size, bar, paths: FastPaths):
     m = len(calibration)
-    rows = rows_per_forward(model, calibration.seq_len)
+    rows = rows_per_forward(model, calibration.seq_len, paths.head)
     device = next(model.parameters()).device
     column = {config: k for k, config in enumerate(configurations)}
     kl = torch.empty(m, len(configurations), dtype=torch.float64)
     ce = torch.empty(m, len(configurations), dtype=torch.float64)
     for start, ids, mask in calibration.batches(batch_size):
         ids, mask = ids.to(device), mask.to(device)
-        reference = reference_pass(model, gates.layers, ids, mask)
+        reference = reference_pass(model, gates.layers, ids, mask, paths.head)
         per_forward = max(1, rows // ids.shape[0])
         stop = start + ids.shape[0]
         for chunk in _chunks(configurations, per_forward):
-            k, c = configuration_damage(model, gates, ids, mask, chunk, reference, share_prefix)
+            k, c = configuration_damage(model, gates, ids, mask, chunk, reference, paths.share_prefix, paths.head)
             columns = [column[config] for config in chunk]
             kl[start:stop, columns] = k
             ce[start:stop, columns] = c
@@ -250,11 +310,11 @@ def _measure(model, gates, calibration, configurations, batch_size, bar, share_p
     return kl, ce
 
 
-def _measure_phase(model, gates, calibration, configurations, batch_size, desc, progress, share_prefix):
+def _measure_phase(model, gates, calibration, configurations, batch_size, desc, progress, paths: FastPaths):
     """`_measure` under one progress bar (one phase of a pass): (KL, CE increase), ``[m, len(configurations)]``."""
     total = len(configurations) * len(calibration)
     with tqdm(total=total, desc=desc, unit="cfg·sample", disable=not progress) as bar:
-        return _measure(model, gates, calibration, configurations, batch_size, bar, share_prefix)
+        return _measure(model, gates, calibration, configurations, batch_size, bar, paths)
 
 
 def measure_damage(
@@ -266,6 +326,7 @@ def measure_damage(
     progress: bool = True,
     log=print,
     share_prefix: bool = True,
+    chunked_head: bool = True,
 ) -> MeasuredDamage:
     """Measure D for every single removal, then for every pair among the ``pairs`` least damaging blocks.
 
@@ -279,6 +340,8 @@ def measure_damage(
         log: where each phase's cost is reported (one line per phase).
         share_prefix (`bool`, defaults to `True`): do not recompute the blocks before a configuration's first
             removed block (their output is the unpruned model's, cached by the reference pass).
+        chunked_head (`bool`, defaults to `True`): apply a linear LM head vocabulary chunk by chunk to the final hidden
+            state instead of forming the logits (same damage, less time and memory).
     """
     if len(calibration) == 0:
         raise BlockCBOError("the calibration set is empty; give at least one sample")
@@ -288,10 +351,10 @@ def measure_damage(
     tokens_per_config = int(calibration.attention_mask.sum())
     with frozen_eval(model), BlockGates(model, gate=gate) as gates:
         n = gates.num_blocks
-        share_prefix = share_prefix and prefix_sharing_agrees(model, gates, calibration)
+        paths = fast_paths(model, gates, calibration, share_prefix, chunked_head)
         singles = [(i,) for i in range(n)]
         single_kl, single_ce = _measure_phase(
-            model, gates, calibration, singles, batch_size, "measured damage: singles", progress, share_prefix
+            model, gates, calibration, singles, batch_size, "measured damage: singles", progress, paths
         )
         phase1 = time.perf_counter() - began
         log(
@@ -305,7 +368,7 @@ def measure_damage(
         pair_ce = pair_kl.clone()
         if pair_list:
             kl, ce = _measure_phase(
-                model, gates, calibration, pair_list, batch_size, "measured damage: pairs", progress, share_prefix
+                model, gates, calibration, pair_list, batch_size, "measured damage: pairs", progress, paths
             )
             for k, (i, j) in enumerate(pair_list):
                 pair_kl[:, i, j] = pair_kl[:, j, i] = kl[:, k]
@@ -387,6 +450,7 @@ def measure_expansion(
     progress: bool = True,
     log=print,
     share_prefix: bool = True,
+    chunked_head: bool = True,
 ) -> Expansion:
     """Measure D at ``centre``, at every single flip of it, and at every pair of flips among the centre's blocks and
     the outside blocks whose addition hurts least (``pairs`` flips in all, at least the centre and two outside;
@@ -402,12 +466,10 @@ def measure_expansion(
         n = gates.num_blocks
         if not centre_set or not centre_set <= set(range(n)):
             raise BlockCBOError(f"the centre of a round must be a non-empty set of blocks in 0..{n - 1}")
-        share_prefix = share_prefix and prefix_sharing_agrees(model, gates, calibration)
+        paths = fast_paths(model, gates, calibration, share_prefix, chunked_head)
         singles = {i: _flipped(centre_set, i) for i in range(n)}
         configurations = [tuple(sorted(centre_set))] + [cfg for cfg in singles.values() if cfg]
-        kl, _ = _measure_phase(
-            model, gates, calibration, configurations, batch_size, "round: flips", progress, share_prefix
-        )
+        kl, _ = _measure_phase(model, gates, calibration, configurations, batch_size, "round: flips", progress, paths)
         value = {cfg: kl[:, k] for k, cfg in enumerate(configurations)}
         zero = torch.zeros(m, dtype=torch.float64)
         centre_damage = value[configurations[0]]
@@ -426,7 +488,7 @@ def measure_expansion(
         flip_pair = torch.full((m, n, n), float("nan"), dtype=torch.float64)
         if measured_pairs:
             kl, _ = _measure_phase(
-                model, gates, calibration, measured_pairs, batch_size, "round: pairs of flips", progress, share_prefix
+                model, gates, calibration, measured_pairs, batch_size, "round: pairs of flips", progress, paths
             )
             value = {cfg: kl[:, k] for k, cfg in enumerate(measured_pairs)}
             for i, j in pair_list:

@@ -24,7 +24,7 @@ from ..data import CalibrationSet
 from ..errors import BlockCBOError
 from ..hessian.artifact import HessianArtifact
 from ..hessian.gradients import frozen_eval
-from ..hessian.measured import configuration_damage, reference_pass, rows_per_forward
+from ..hessian.measured import configuration_damage, fast_paths, reference_pass, rows_per_forward
 from ..io_utils import atomic_file
 from ..solvers.dispatch import solve_artifact
 from ..surgery.gates import BlockGates
@@ -53,15 +53,16 @@ def measure_states(
         raise BlockCBOError("the held-out set is empty")
     states = [tuple(sorted(int(b) for b in s)) for s in states]
     device = next(model.parameters()).device
-    rows = rows_per_forward(model, held_out.seq_len)
     kl_sum = torch.zeros(len(states), dtype=torch.float64)
     ce_sum = torch.zeros(len(states), dtype=torch.float64)
     base_sum, tokens = 0.0, 0
     bar = tqdm(total=len(states) * len(held_out), desc="measuring states", disable=not progress, leave=False)
     with frozen_eval(model), BlockGates(model, gate=gate) as gates:
+        paths = fast_paths(model, gates, held_out)
+        rows = rows_per_forward(model, held_out.seq_len, paths.head)
         for _, ids, mask in held_out.batches(batch_size):
             ids, mask = ids.to(device), mask.to(device)
-            reference = reference_pass(model, gates.layers, ids, mask)
+            reference = reference_pass(model, gates.layers, ids, mask, paths.head)
             counts = (mask[:, 1:] * mask[:, :-1]).sum(1).double().cpu()
             base_sum += float((reference.ce.double().cpu() * counts).sum())
             tokens += int(counts.sum())
@@ -72,7 +73,9 @@ def measure_states(
                 configs = [states[k] for k in chunk]
                 if any(not c for c in configs):
                     raise BlockCBOError("a state removes no block")
-                kl, dce = configuration_damage(model, gates, ids, mask, configs, reference)
+                kl, dce = configuration_damage(
+                    model, gates, ids, mask, configs, reference, paths.share_prefix, paths.head
+                )
                 kl_sum[chunk] += (kl * counts[:, None]).sum(0)
                 ce_sum[chunk] += ((dce + reference.ce.double().cpu()[:, None]) * counts[:, None]).sum(0)
                 bar.update(len(chunk) * ids.shape[0])
