@@ -221,3 +221,37 @@ def test_a_forward_that_changes_the_logits_after_the_head_is_measured_with_full_
     direct = _direct_kl(model, cal, (2, 4))
     q = damage.per_sample_energy().mean(0)
     assert float(q[[2, 4]][:, [2, 4]].sum()) == pytest.approx(direct, rel=1e-4, abs=1e-7)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gemma3"])
+def test_pairs_started_from_the_single_removal_state_equal_full_forwards(fixture, request):
+    from hf_blockcbo.hessian.measured import removal_states
+
+    model = request.getfixturevalue(fixture)
+    cal = _samples(m=3)
+    tree = measure_damage(model, cal, batch_size=2, pairs=None, progress=False, log=lambda _: None)
+    full = measure_damage(
+        model, cal, batch_size=2, pairs=None, progress=False, log=lambda _: None, share_prefix=False
+    )
+    for metric in ("kl", "ce"):
+        torch.testing.assert_close(tree.pair[metric], full.pair[metric], rtol=1e-4, atol=1e-6, equal_nan=True)
+    with torch.no_grad(), BlockGates(model) as gates:
+        ref = reference_pass(model, gates.layers, cal.input_ids, cal.attention_mask)
+        with pytest.raises(BlockCBOError, match="after block 3"):
+            removal_states(model, gates, cal.input_ids, cal.attention_mask, ref, 3, [2, 5])
+        states = removal_states(model, gates, cal.input_ids, cal.attention_mask, ref, 1, [3, 5])
+        gates.set_removed([1])
+        captured = {}
+        handles = [
+            gates.layers[j].register_forward_pre_hook(
+                lambda mod, args, kwargs, j=j: captured.__setitem__(j, args[0] if args else kwargs["hidden_states"]),
+                with_kwargs=True,
+            )
+            for j in (3, 5)
+        ]
+        model(input_ids=cal.input_ids, attention_mask=cal.attention_mask)
+        for handle in handles:
+            handle.remove()
+    assert sorted(states) == [3, 5]
+    for j in (3, 5):
+        torch.testing.assert_close(states[j], captured[j], rtol=1e-5, atol=1e-6)

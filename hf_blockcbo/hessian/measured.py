@@ -162,6 +162,7 @@ def configuration_damage(
     reference: Reference,
     share_prefix: bool = True,
     head: LinearHead | None = None,
+    start: tuple[int, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(KL ``[b, c]``, CE increase ``[b, c]``) of each configuration (blocks switched off) on each sample, in one forward
     over the batch repeated ``c`` times with one row of gate values per repeated sample.
@@ -169,17 +170,21 @@ def configuration_damage(
     With ``share_prefix`` the blocks before the first removed block of all ``configurations`` are not recomputed.
     KL(p ‖ q) per token is Σ p log p − Σ p·z + logsumexp(z) with z the gated logits: no log-softmax is materialised.
     With ``head`` (the reference computed with it) the logits are not formed either: the head is applied vocabulary
-    chunk by chunk to the final hidden state (:mod:`hf_blockcbo.hessian.head_kl`).
+    chunk by chunk to the final hidden state (:mod:`hf_blockcbo.hessian.head_kl`). With ``start = (block, hidden)``
+    the forward begins at ``block`` from ``hidden`` (``[b, T, d]``), the input of that block in a state every
+    configuration shares before it (e.g. one removed block earlier, from :func:`removal_states`).
     """
     b, c = ids.shape[0], len(configurations)
     values = torch.ones(c, b, gates.num_blocks)
     for k, removed in enumerate(configurations):
         values[k, :, list(removed)] = 0.0
-    first = min(min(removed) for removed in configurations) if share_prefix else 0
+    if start is not None:
+        first, hidden = start
+    else:
+        first = min(min(removed) for removed in configurations) if share_prefix else 0
+        hidden = reference.block_inputs[first]
     context = (
-        shared_prefix(
-            gates.layers, first, reference.block_inputs[first].repeat(c, 1, 1), reference.block_output_is_tuple
-        )
+        shared_prefix(gates.layers, first, hidden.repeat(c, 1, 1), reference.block_output_is_tuple)
         if first > 0
         else contextlib.nullcontext()
     )
@@ -222,7 +227,58 @@ def _head_damage(head: LinearHead, hidden: torch.Tensor, ids: torch.Tensor, refe
     return token_kl, lse - target
 
 
-def _chunks(configurations: list[tuple[int, ...]], per_forward: int):
+class _Reached(Exception):
+    """Raised by a hook once the last wanted block input is captured (the rest of the forward is not needed)."""
+
+
+@torch.no_grad()
+def removal_states(
+    model: nn.Module,
+    gates: BlockGates,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    reference: Reference,
+    removed: int,
+    at: Sequence[int],
+) -> dict[int, torch.Tensor]:
+    """The input of every block in ``at`` (each after ``removed``) with block ``removed`` switched off, the blocks
+    before it replayed from the reference: the shared state of every pair ``(removed, j)`` up to block ``j``. The
+    forward stops at the last block of ``at``."""
+    if not at or min(at) <= removed:
+        raise BlockCBOError(f"the blocks whose input is wanted must come after block {removed}, got {list(at)}")
+    states: dict[int, torch.Tensor] = {}
+    last = max(at)
+
+    def pre(index):
+        def hook(module, args, kwargs):
+            states[index] = args[0] if args else kwargs["hidden_states"]
+            if index == last:
+                raise _Reached
+
+        return hook
+
+    values = torch.ones(ids.shape[0], gates.num_blocks)
+    values[:, removed] = 0.0
+    context = (
+        shared_prefix(gates.layers, removed, reference.block_inputs[removed], reference.block_output_is_tuple)
+        if removed > 0
+        else contextlib.nullcontext()
+    )
+    handles = [gates.layers[j].register_forward_pre_hook(pre(j), with_kwargs=True) for j in at]
+    gates.set(values)
+    try:
+        with context:
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+    except _Reached:
+        pass
+    finally:
+        gates.set(None)
+        for handle in handles:
+            handle.remove()
+    return states
+
+
+def chunk_by_first_block(configurations: list[tuple[int, ...]], per_forward: int):
     """Configurations grouped by their first removed block (so a forward shares the longest prefix), then chunked."""
     groups: dict[int, list[tuple[int, ...]]] = {}
     for config in configurations:
@@ -301,12 +357,48 @@ def _measure(model, gates, calibration, configurations, batch_size, bar, paths: 
         reference = reference_pass(model, gates.layers, ids, mask, paths.head)
         per_forward = max(1, rows // ids.shape[0])
         stop = start + ids.shape[0]
-        for chunk in _chunks(configurations, per_forward):
+        for chunk in chunk_by_first_block(configurations, per_forward):
             k, c = configuration_damage(model, gates, ids, mask, chunk, reference, paths.share_prefix, paths.head)
             columns = [column[config] for config in chunk]
             kl[start:stop, columns] = k
             ce[start:stop, columns] = c
             bar.update(len(chunk) * ids.shape[0])
+    return kl, ce
+
+
+def _measure_pairs(model, gates, calibration, pair_blocks, batch_size, bar, paths: FastPaths):
+    """(KL, CE increase) ``[m, P(P−1)/2]`` of every pair ``(i, j)``, i < j, among ``pair_blocks`` (combinations order).
+
+    With the shared prefix a pair's forward starts at block ``j`` from the state with block ``i`` removed
+    (:func:`removal_states`, one partial forward per ``i``), not at block ``i``: blocks i..j−1 are computed once per
+    ``i`` instead of once per pair."""
+    pair_list = list(itertools.combinations(pair_blocks, 2))
+    if not paths.share_prefix:
+        return _measure(model, gates, calibration, pair_list, batch_size, bar, paths)
+    m = len(calibration)
+    rows = rows_per_forward(model, calibration.seq_len, paths.head)
+    device = next(model.parameters()).device
+    column = {pair: k for k, pair in enumerate(pair_list)}
+    kl = torch.empty(m, len(pair_list), dtype=torch.float64)
+    ce = torch.empty(m, len(pair_list), dtype=torch.float64)
+    for start, ids, mask in calibration.batches(batch_size):
+        ids, mask = ids.to(device), mask.to(device)
+        reference = reference_pass(model, gates.layers, ids, mask, paths.head)
+        per_forward = max(1, rows // ids.shape[0])
+        stop = start + ids.shape[0]
+        for i in pair_blocks[:-1]:
+            later = [j for j in pair_blocks if j > i]
+            groups = [later[lo : lo + per_forward] for lo in range(0, len(later), per_forward)]
+            states = removal_states(model, gates, ids, mask, reference, i, [group[0] for group in groups])
+            for group in groups:
+                chunk = [(i, j) for j in group]
+                k, c = configuration_damage(
+                    model, gates, ids, mask, chunk, reference, True, paths.head, start=(group[0], states[group[0]])
+                )
+                columns = [column[pair] for pair in chunk]
+                kl[start:stop, columns] = k
+                ce[start:stop, columns] = c
+                bar.update(len(chunk) * ids.shape[0])
     return kl, ce
 
 
@@ -367,9 +459,13 @@ def measure_damage(
         pair_kl = torch.full((len(calibration), n, n), float("nan"), dtype=torch.float64)
         pair_ce = pair_kl.clone()
         if pair_list:
-            kl, ce = _measure_phase(
-                model, gates, calibration, pair_list, batch_size, "measured damage: pairs", progress, paths
-            )
+            with tqdm(
+                total=len(pair_list) * len(calibration),
+                desc="measured damage: pairs",
+                unit="cfg·sample",
+                disable=not progress,
+            ) as bar:
+                kl, ce = _measure_pairs(model, gates, calibration, pair_blocks, batch_size, bar, paths)
             for k, (i, j) in enumerate(pair_list):
                 pair_kl[:, i, j] = pair_kl[:, j, i] = kl[:, k]
                 pair_ce[:, i, j] = pair_ce[:, j, i] = ce[:, k]
