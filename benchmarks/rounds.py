@@ -41,6 +41,9 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2", help="smollm2, gemma3 or any --model value of hf-blockcbo")
     parser.add_argument("--removes", default="2,4,6,8")
     parser.add_argument("--max-rounds", type=int, default=2)
+    parser.add_argument(
+        "--swaps", type=int, default=ROUND_SWAPS, help="a round's trust region (1: only swaps measured, all exact)"
+    )
     parser.add_argument("--round-removes", help="the M with rounds (default: every M above 2 in --removes)")
     parser.add_argument("--baselines", default="bi,angular,norm_ratio,sleb")
     parser.add_argument(
@@ -124,7 +127,9 @@ def main() -> None:
         for r in range(1, args.max_rounds + 1 if m in rounds_at else 1):
             t0 = time.perf_counter()
             one = config.replace(measured_rounds=1)
-            refined, records = refine_by_rounds(model, artifact, one, cal, result, expansions=expansions)
+            refined, records = refine_by_rounds(
+                model, artifact, one, cal, result, expansions=expansions, swaps=args.swaps
+            )
             seconds += time.perf_counter() - t0
             tokens += records[0]["tokens"]
             moved = list(refined.candidates[0].blocks) != list(result.candidates[0].blocks)
@@ -140,7 +145,7 @@ def main() -> None:
             # the last round's rows resampled: how often its ground state is the full sample's
             expansion = expansions[-1]
             centre = expansion.centre
-            full = solve_artifact_near(artifact, config, expansion.energy_matrix().numpy(), centre, ROUND_SWAPS)
+            full = solve_artifact_near(artifact, config, expansion.energy_matrix().numpy(), centre, args.swaps)
             full = full.candidates[0].blocks
             rng = np.random.default_rng(0)
             same_round = same_first = 0
@@ -148,7 +153,7 @@ def main() -> None:
             for _ in range(args.bootstrap):
                 idx = torch.as_tensor(rng.integers(0, count, size=count))
                 q = expansion.energy_matrix(idx).numpy()
-                near = solve_artifact_near(artifact, config, q, centre, ROUND_SWAPS)
+                near = solve_artifact_near(artifact, config, q, centre, args.swaps)
                 same_round += int(near.candidates[0].blocks == full)
                 q0 = artifact.Q_samples[idx].double().mean(0).numpy()
                 same_first += int(solve_artifact(artifact, config, Q=q0).candidates[0].blocks == ground_first)
@@ -191,6 +196,7 @@ def write(args, name, rows, tests, unpruned, removes, notes) -> None:
     out.mkdir(parents=True, exist_ok=True)
     labels = [*tests, "calibration KL"]
     lines = [f"# {name}: rounds of re-expansion against the baselines", ""]
+    lines += [f"Rounds search a trust region of {args.swaps} swap{'s' * (args.swaps > 1)} around their centre.", ""]
     lines += ["Unpruned: " + ", ".join(f"{k} {unpruned[k]:.2f}" for k in tests) + ".", ""]
     methods = list(dict.fromkeys(r["method"] for r in rows))
     for label in labels:

@@ -230,9 +230,7 @@ def test_pairs_started_from_the_single_removal_state_equal_full_forwards(fixture
     model = request.getfixturevalue(fixture)
     cal = _samples(m=3)
     tree = measure_damage(model, cal, batch_size=2, pairs=None, progress=False, log=lambda _: None)
-    full = measure_damage(
-        model, cal, batch_size=2, pairs=None, progress=False, log=lambda _: None, share_prefix=False
-    )
+    full = measure_damage(model, cal, batch_size=2, pairs=None, progress=False, log=lambda _: None, share_prefix=False)
     for metric in ("kl", "ce"):
         torch.testing.assert_close(tree.pair[metric], full.pair[metric], rtol=1e-4, atol=1e-6, equal_nan=True)
     with torch.no_grad(), BlockGates(model) as gates:

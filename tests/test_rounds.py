@@ -60,6 +60,25 @@ def test_expansion_is_exact_at_the_centre_and_at_every_swap(fixture, request):
     assert expansion.configurations == 1 + n + n * (n - 1) // 2
 
 
+def test_a_one_swap_expansion_measures_only_swaps_and_is_exact_on_them(tiny_llama):
+    cal = _samples()
+    centre = [1, 3, 4]
+    expansion = measure_expansion(
+        tiny_llama, cal, centre, batch_size=2, pairs=None, progress=False, log=lambda _: None, swaps=1
+    )
+    q = expansion.energy_matrix()
+    n = q.shape[0]
+    outside = [b for b in range(n) if b not in centre]
+    assert _energy(q, centre) == pytest.approx(_direct_kl(tiny_llama, cal, centre), rel=1e-4, abs=1e-7)
+    for out, into in itertools.product(centre, outside):
+        state = sorted(set(centre) - {out} | {into})
+        assert _energy(q, state) == pytest.approx(_direct_kl(tiny_llama, cal, state), rel=1e-4, abs=1e-7), state
+    assert expansion.configurations == 1 + n + len(centre) * len(outside)  # no pair inside or outside the centre
+    assert bool(torch.isnan(expansion.flip_pair[:, 1, 3]).all()) and bool(
+        torch.isnan(expansion.flip_pair[:, 0, 2]).all()
+    )
+
+
 def test_expansion_pairs_keep_the_centre_and_the_least_damaging_additions(tiny_llama):
     cal = _samples(m=2)
     expansion = measure_expansion(tiny_llama, cal, [0, 5], pairs=3, progress=False, log=lambda _: None)
@@ -89,18 +108,21 @@ def _source():
     return ModelSource(model_id="tiny", revision=None, base_model=None, path="tiny")
 
 
-def test_rounds_end_at_a_ground_state_that_no_swap_improves(tiny_llama, tokenizer):
+@pytest.mark.parametrize("swaps", [1, 2])
+def test_rounds_end_at_a_ground_state_that_no_swap_improves(swaps, tiny_llama, tokenizer):
     cal = _samples()
     config = BlockRemovalConfig(num_samples=4, seq_len=10, batch_size=4, measured_samples=4, num_remove=3, top_k=4)
     artifact = calibrate(tiny_llama, tokenizer, config, _source(), progress=False, calibration=cal)
     first = solve_artifact(artifact, config)
-    result, records = refine_by_rounds(tiny_llama, artifact, config.replace(measured_rounds=4), cal, first, False)
+    result, records = refine_by_rounds(
+        tiny_llama, artifact, config.replace(measured_rounds=4), cal, first, False, swaps=swaps
+    )
     assert 1 <= len(records) <= 4
     assert records[0]["centre"] == list(first.candidates[0].blocks)
     for earlier, later in zip(records, records[1:], strict=False):
         assert later["centre"] == earlier["ground_state"]
-    for record in records:  # the trust region: a round moves at most two swaps
-        assert len(set(record["ground_state"]) - set(record["centre"])) <= record["swaps"] == 2
+    for record in records:  # the trust region: a round moves at most `swaps` swaps
+        assert len(set(record["ground_state"]) - set(record["centre"])) <= record["swaps"] == swaps
     ground = list(result.candidates[0].blocks)
     assert ground == records[-1]["ground_state"]
     if ground == records[-1]["centre"]:  # converged: no swap of the ground state is measured to do less damage

@@ -547,10 +547,15 @@ def measure_expansion(
     log=print,
     share_prefix: bool = True,
     chunked_head: bool = True,
+    swaps: int | None = None,
 ) -> Expansion:
     """Measure D at ``centre``, at every single flip of it, and at every pair of flips among the centre's blocks and
     the outside blocks whose addition hurts least (``pairs`` flips in all, at least the centre and two outside;
     None: all), so the expansion is exact on every swap of one removed block for one of those outside blocks.
+
+    With ``swaps=1`` (a trust region of one swap) only the pairs of flips that are swaps, one centre block for one
+    of those outside blocks, are measured: the other pairs change the number of removed blocks or need two swaps,
+    and interact by 0 in the expansion.
     """
     if len(calibration) == 0:
         raise BlockCBOError("the calibration set is empty; give at least one sample")
@@ -579,6 +584,8 @@ def measure_expansion(
         width = n if pairs is None else max(pairs, len(centre_set) + 2)
         flip_blocks = sorted(list(centre_set) + outside[: max(0, width - len(centre_set))])
         pair_list = list(itertools.combinations(flip_blocks, 2))
+        if swaps == 1:
+            pair_list = [(i, j) for i, j in pair_list if (i in centre_set) != (j in centre_set)]
         pair_configs = list(dict.fromkeys(_flipped(centre_set, i, j) for i, j in pair_list))
         measured_pairs = [cfg for cfg in pair_configs if cfg]
         flip_pair = torch.full((m, n, n), float("nan"), dtype=torch.float64)

@@ -82,6 +82,7 @@ def refine_by_rounds(
             pairs=config.measured_pairs,
             progress=progress,
             log=log if progress else (lambda line: None),
+            swaps=swaps,
         )
         if expansions is not None:
             expansions.append(expansion)
