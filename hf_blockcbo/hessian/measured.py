@@ -345,11 +345,40 @@ def rows_per_forward(model: nn.Module, seq_len: int, head: LinearHead | None = N
     return max(1, int(_LOGIT_BYTES // (seq_len * vocab * 4)))
 
 
-def _measure(model, gates, calibration, configurations, batch_size, bar, paths: FastPaths):
+def _by_first_block(configurations):
+    """The plain plan: configurations grouped by their first removed block, each forward from that block."""
+
+    def plan(model, gates, ids, mask, reference, per_forward):
+        for chunk in chunk_by_first_block(configurations, per_forward):
+            yield chunk, None
+
+    return plan
+
+
+def _pairs_from_singles(pair_blocks):
+    """The pairs plan: every pair ``(i, j)`` among ``pair_blocks`` started at block ``j`` from the state with block
+    ``i`` removed (:func:`removal_states`, one partial forward per ``i``), so blocks i..j−1 are computed once per
+    ``i`` instead of once per pair."""
+
+    def plan(model, gates, ids, mask, reference, per_forward):
+        for i in pair_blocks[:-1]:
+            later = [j for j in pair_blocks if j > i]
+            groups = [later[lo : lo + per_forward] for lo in range(0, len(later), per_forward)]
+            states = removal_states(model, gates, ids, mask, reference, i, [group[0] for group in groups])
+            for group in groups:
+                yield [(i, j) for j in group], (group[0], states[group[0]])
+
+    return plan
+
+
+def _measure(model, gates, calibration, configurations, batch_size, bar, paths: FastPaths, plan=None):
+    """(KL, CE increase) ``[m, len(configurations)]``; ``plan`` says which configurations share a forward and where
+    it starts (default: grouped by first removed block)."""
+    plan = plan or _by_first_block(configurations)
     m = len(calibration)
     rows = rows_per_forward(model, calibration.seq_len, paths.head)
     device = next(model.parameters()).device
-    column = {config: k for k, config in enumerate(configurations)}
+    column = {tuple(config): k for k, config in enumerate(configurations)}
     kl = torch.empty(m, len(configurations), dtype=torch.float64)
     ce = torch.empty(m, len(configurations), dtype=torch.float64)
     for start, ids, mask in calibration.batches(batch_size):
@@ -357,9 +386,11 @@ def _measure(model, gates, calibration, configurations, batch_size, bar, paths: 
         reference = reference_pass(model, gates.layers, ids, mask, paths.head)
         per_forward = max(1, rows // ids.shape[0])
         stop = start + ids.shape[0]
-        for chunk in chunk_by_first_block(configurations, per_forward):
-            k, c = configuration_damage(model, gates, ids, mask, chunk, reference, paths.share_prefix, paths.head)
-            columns = [column[config] for config in chunk]
+        for chunk, state in plan(model, gates, ids, mask, reference, per_forward):
+            k, c = configuration_damage(
+                model, gates, ids, mask, chunk, reference, paths.share_prefix, paths.head, start=state
+            )
+            columns = [column[tuple(config)] for config in chunk]
             kl[start:stop, columns] = k
             ce[start:stop, columns] = c
             bar.update(len(chunk) * ids.shape[0])
@@ -367,39 +398,11 @@ def _measure(model, gates, calibration, configurations, batch_size, bar, paths: 
 
 
 def _measure_pairs(model, gates, calibration, pair_blocks, batch_size, bar, paths: FastPaths):
-    """(KL, CE increase) ``[m, P(P−1)/2]`` of every pair ``(i, j)``, i < j, among ``pair_blocks`` (combinations order).
-
-    With the shared prefix a pair's forward starts at block ``j`` from the state with block ``i`` removed
-    (:func:`removal_states`, one partial forward per ``i``), not at block ``i``: blocks i..j−1 are computed once per
-    ``i`` instead of once per pair."""
+    """(KL, CE increase) ``[m, P(P−1)/2]`` of every pair among ``pair_blocks`` (combinations order), each started
+    from its single-removal state when the prefix may be shared."""
     pair_list = list(itertools.combinations(pair_blocks, 2))
-    if not paths.share_prefix:
-        return _measure(model, gates, calibration, pair_list, batch_size, bar, paths)
-    m = len(calibration)
-    rows = rows_per_forward(model, calibration.seq_len, paths.head)
-    device = next(model.parameters()).device
-    column = {pair: k for k, pair in enumerate(pair_list)}
-    kl = torch.empty(m, len(pair_list), dtype=torch.float64)
-    ce = torch.empty(m, len(pair_list), dtype=torch.float64)
-    for start, ids, mask in calibration.batches(batch_size):
-        ids, mask = ids.to(device), mask.to(device)
-        reference = reference_pass(model, gates.layers, ids, mask, paths.head)
-        per_forward = max(1, rows // ids.shape[0])
-        stop = start + ids.shape[0]
-        for i in pair_blocks[:-1]:
-            later = [j for j in pair_blocks if j > i]
-            groups = [later[lo : lo + per_forward] for lo in range(0, len(later), per_forward)]
-            states = removal_states(model, gates, ids, mask, reference, i, [group[0] for group in groups])
-            for group in groups:
-                chunk = [(i, j) for j in group]
-                k, c = configuration_damage(
-                    model, gates, ids, mask, chunk, reference, True, paths.head, start=(group[0], states[group[0]])
-                )
-                columns = [column[pair] for pair in chunk]
-                kl[start:stop, columns] = k
-                ce[start:stop, columns] = c
-                bar.update(len(chunk) * ids.shape[0])
-    return kl, ce
+    plan = _pairs_from_singles(pair_blocks) if paths.share_prefix else None
+    return _measure(model, gates, calibration, pair_list, batch_size, bar, paths, plan)
 
 
 def _measure_phase(model, gates, calibration, configurations, batch_size, desc, progress, paths: FastPaths):
