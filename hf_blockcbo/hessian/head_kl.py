@@ -6,9 +6,10 @@ For a linear head z = W·h + b and a reference distribution p over the vocabular
     KL(p ‖ softmax z) = Σ_v p_v log p_v − Σ_v p_v z_v + logsumexp(z),   Σ_v p_v z_v = h·(Wᵀp) + b·p,
 
 so with Wᵀp and b·p computed once per reference, each gated forward needs only logsumexp(z), accumulated over
-chunks of W that stay in cache (a running maximum and sum), and the target logit W_y·h + b_y. The full logits and
-their log-softmax are what a measured forward spent most of its time on (SmolLM2: 0.55 of 1.9 s per configuration;
-a 262k vocabulary made it worse).
+chunks of W that stay in cache (a running maximum and sum), and the target logit W_y·h + b_y. Forming the full
+logits and reducing them was a large part of a measured configuration's time (SmolLM2 on a 2-core CPU: about 0.55 of
+1.9 s in one profile; the head's matrix product itself remains), and more with a 262k vocabulary
+(`benchmarks/measured_cost.py`: 1.08× on SmolLM2's pair phase, 1.40× on Gemma-3-270M's).
 
 A model whose head is not a plain `nn.Linear`, or whose forward changes the logits after it (Gemma 2's final
 soft-capping, Cohere's logit scale), is detected by comparing against the full forward once; the caller then measures
@@ -57,7 +58,7 @@ class LinearHead:
 
     @contextlib.contextmanager
     def capture(self, model: nn.Module):
-        """Within the block the model's head is replaced by a stub; yields it (its ``hidden`` is the head's input)."""
+        """Inside the ``with``, the model's head is a stub that keeps its input (``stub.hidden``); restored on exit."""
         original = model.get_output_embeddings()
         stub = _HeadInput()
         model.set_output_embeddings(stub)
