@@ -253,3 +253,21 @@ def test_pairs_started_from_the_single_removal_state_equal_full_forwards(fixture
     assert sorted(states) == [3, 5]
     for j in (3, 5):
         torch.testing.assert_close(states[j], captured[j], rtol=1e-5, atol=1e-6)
+
+
+def test_the_shortcuts_are_checked_once_per_model_structure(tiny_llama, monkeypatch):
+    from hf_blockcbo.hessian import measured
+    from hf_blockcbo.surgery.removal import remove_blocks
+
+    calls = []
+    check = measured._check_fast_paths
+    monkeypatch.setattr(measured, "_check_fast_paths", lambda *a: calls.append(1) or check(*a))
+    cal = _samples(m=2)
+    for _ in range(2):
+        with torch.no_grad(), BlockGates(tiny_llama) as gates:
+            paths = measured.fast_paths(tiny_llama, gates, cal)
+    assert len(calls) == 1 and paths.share_prefix and paths.head is not None
+    remove_blocks(tiny_llama, [0])  # another structure: checked again
+    with torch.no_grad(), BlockGates(tiny_llama) as gates:
+        measured.fast_paths(tiny_llama, gates, cal)
+    assert len(calls) == 2

@@ -22,6 +22,7 @@ import contextlib
 import itertools
 import logging
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -299,6 +300,9 @@ class FastPaths:
     head: LinearHead | None = None
 
 
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → {(gate, blocks, ...): (prefix, head)}
+
+
 def _shortcut_agrees(name: str, full, measure) -> bool:
     try:
         fast = measure()
@@ -316,23 +320,35 @@ def fast_paths(
 ) -> FastPaths:
     """The `FastPaths` that give the full forward's damage for a late single removal on one sample (a model whose
     decoder loop needs more of its layers than their output, or whose forward changes the logits after its head, is
-    measured without that shortcut)."""
+    measured without that shortcut).
+
+    The answer depends on the model's structure, not on its weights or data, so it is checked once per model, gate
+    kind, layer count and hooks on the head (later calls, e.g. one `measure_states` per state in a benchmark, reuse it)."""
+    head = LinearHead.of(model) if chunked_head else None
+    module = model.get_output_embeddings()
+    head_hooks = len(module._forward_hooks) + len(module._forward_pre_hooks) if module is not None else 0
+    key = (gates.gate, gates.num_blocks, share_prefix, head is not None, head_hooks)
+    known = _CHECKED.setdefault(model, {})
+    if key not in known:
+        known[key] = _check_fast_paths(model, gates, calibration, share_prefix, head)
+    use_prefix, use_head = known[key]
+    return FastPaths(share_prefix=use_prefix, head=head if use_head else None)
+
+
+def _check_fast_paths(model, gates, calibration, share_prefix: bool, head: LinearHead | None) -> tuple[bool, bool]:
+    """(shared prefix agrees, chunked head agrees) with the full forward on one sample and a late single removal."""
     device = next(model.parameters()).device
     ids, mask = calibration.input_ids[:1].to(device), calibration.attention_mask[:1].to(device)
-    head = LinearHead.of(model) if chunked_head else None
     reference = reference_pass(model, gates.layers, ids, mask, head)
     late = [(gates.num_blocks - 1,)]
     full = configuration_damage(model, gates, ids, mask, late, reference, share_prefix=False)
-    paths = FastPaths()
-    if share_prefix:
-        paths.share_prefix = _shortcut_agrees(
-            "shared-prefix", full, lambda: configuration_damage(model, gates, ids, mask, late, reference, True)
-        )
-    if head is not None and _shortcut_agrees(
+    prefix = share_prefix and _shortcut_agrees(
+        "shared-prefix", full, lambda: configuration_damage(model, gates, ids, mask, late, reference, True)
+    )
+    chunked = head is not None and _shortcut_agrees(
         "chunked-head", full, lambda: configuration_damage(model, gates, ids, mask, late, reference, False, head)
-    ):
-        paths.head = head
-    return paths
+    )
+    return prefix, chunked
 
 
 def rows_per_forward(model: nn.Module, seq_len: int, head: LinearHead | None = None) -> int:
