@@ -72,6 +72,22 @@ def test_per_sample_gates_scale_each_sample_separately(tiny_llama):
     torch.testing.assert_close(mixed[1], removed[1])
 
 
+def test_per_sample_gates_reach_a_branch_that_flattens_its_tokens():
+    from .conftest import make_model
+    from .test_architectures import _config
+
+    opt = make_model(_config("opt"))  # OPT's MLP runs on [batch·T, d]
+    with BlockGates(opt) as gates:
+        values = torch.ones(2, gates.num_blocks)
+        values[1, 2] = 0.0
+        gates.set(values)
+        mixed = _logits(opt)
+        gates.set_removed([2])
+        removed = _logits(opt)
+    torch.testing.assert_close(mixed[0], _logits(opt)[0])
+    torch.testing.assert_close(mixed[1], removed[1])
+
+
 def test_bad_gate_values_are_refused(tiny_llama):
     with BlockGates(tiny_llama) as gates:
         with pytest.raises(BlockCBOError, match="shape"):

@@ -12,8 +12,9 @@ the same forwards and kept beside it (``damage="ce"`` builds Q from it instead).
 
 Many configurations run per forward: the calibration batch is repeated once per configuration and the gates take
 one row of values per repeated sample; the blocks before a configuration's first removed block are not recomputed
-(their output, the unpruned model's, is replayed from the reference pass). Configurations per forward are capped so
-the logits stay near 1 GB (a 262k vocabulary), and the KL needs no log-softmax of the gated logits.
+(their output, the unpruned model's, is replayed from the reference pass), nor is that block itself (a removed block
+returns its input). Configurations per forward are capped so the logits stay near 1 GB (a 262k vocabulary), and
+the KL needs no log-softmax of the gated logits.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from ..errors import BlockCBOError
 from ..surgery.gates import BlockGates
 from .gradients import frozen_eval
 from .head_kl import LinearHead
+from .replay import _Reached, shared_prefix
 
 
 logger = logging.getLogger(__name__)
@@ -124,35 +126,6 @@ def reference_pass(
     return Reference(probs, neg_entropy, ce, [inputs[i] for i in range(len(layers))], kinds[0], p_weight, p_bias)
 
 
-class _Replay(nn.Module):
-    """Stands in for a block before the first removed one: returns that block's cached unpruned input."""
-
-    def __init__(self, hidden: torch.Tensor, as_tuple: bool, like: nn.Module):
-        super().__init__()
-        # plain attributes the decoder loop may read off a layer (attention_type, layer_idx, ...)
-        for name, value in vars(like).items():
-            if not name.startswith("_") and isinstance(value, (str, int, float, bool, type(None))):
-                setattr(self, name, value)
-        self.hidden, self.as_tuple = hidden, as_tuple
-
-    def forward(self, *args, **kwargs):
-        return (self.hidden,) if self.as_tuple else self.hidden
-
-
-@contextlib.contextmanager
-def shared_prefix(layers: nn.ModuleList, first: int, hidden: torch.Tensor, as_tuple: bool):
-    """Blocks ``0..first-1`` replaced by a replay of block ``first``'s input (they are unchanged in every configuration
-    of the group, so their output is known); restored on exit."""
-    saved = [layers[i] for i in range(first)]
-    try:
-        for i in range(first):
-            layers[i] = _Replay(hidden, as_tuple, saved[i])
-        yield
-    finally:
-        for i, layer in enumerate(saved):
-            layers[i] = layer
-
-
 @torch.no_grad()
 def configuration_damage(
     model: nn.Module,
@@ -173,7 +146,8 @@ def configuration_damage(
     With ``head`` (the reference computed with it) the logits are not formed either: the head is applied vocabulary
     chunk by chunk to the final hidden state (:mod:`hf_blockcbo.hessian.head_kl`). With ``start = (block, hidden)``
     the forward begins at ``block`` from ``hidden`` (``[b, T, d]``), the input of that block in a state every
-    configuration shares before it (e.g. one removed block earlier, from :func:`removal_states`).
+    configuration shares before it (e.g. one removed block earlier, from :func:`removal_states`). In either case
+    the blocks from there on that every configuration removes are not run either: a removed block returns its input.
     """
     b, c = ids.shape[0], len(configurations)
     values = torch.ones(c, b, gates.num_blocks)
@@ -184,6 +158,9 @@ def configuration_damage(
     else:
         first = min(min(removed) for removed in configurations) if share_prefix else 0
         hidden = reference.block_inputs[first]
+    if start is not None or share_prefix:  # a block removed in every configuration returns its input: not run
+        while first < gates.num_blocks and all(first in removed for removed in configurations):
+            first += 1
     context = (
         shared_prefix(gates.layers, first, hidden.repeat(c, 1, 1), reference.block_output_is_tuple)
         if first > 0
@@ -228,10 +205,6 @@ def _head_damage(head: LinearHead, hidden: torch.Tensor, ids: torch.Tensor, refe
     return token_kl, lse - target
 
 
-class _Reached(Exception):
-    """Raised by a hook once the last wanted block input is captured (the rest of the forward is not needed)."""
-
-
 @torch.no_grad()
 def removal_states(
     model: nn.Module,
@@ -243,7 +216,7 @@ def removal_states(
     at: Sequence[int],
 ) -> dict[int, torch.Tensor]:
     """The input of every block in ``at`` (each after ``removed``) with block ``removed`` switched off, the blocks
-    before it replayed from the reference: the shared state of every pair ``(removed, j)`` up to block ``j``. The
+    up to it replayed from the reference: the shared state of every pair ``(removed, j)`` up to block ``j``. The
     forward stops at the last block of ``at``."""
     if not at or min(at) <= removed:
         raise BlockCBOError(f"the blocks whose input is wanted must come after block {removed}, got {list(at)}")
@@ -258,22 +231,17 @@ def removal_states(
 
         return hook
 
-    values = torch.ones(ids.shape[0], gates.num_blocks)
-    values[:, removed] = 0.0
-    context = (
-        shared_prefix(gates.layers, removed, reference.block_inputs[removed], reference.block_output_is_tuple)
-        if removed > 0
-        else contextlib.nullcontext()
+    # blocks 0..removed replayed: the removed block's output is its input, the reference's
+    context = shared_prefix(
+        gates.layers, removed + 1, reference.block_inputs[removed], reference.block_output_is_tuple
     )
     handles = [gates.layers[j].register_forward_pre_hook(pre(j), with_kwargs=True) for j in at]
-    gates.set(values)
     try:
         with context:
             model(input_ids=ids, attention_mask=mask, use_cache=False)
     except _Reached:
         pass
     finally:
-        gates.set(None)
         for handle in handles:
             handle.remove()
     return states
@@ -318,7 +286,7 @@ def _shortcut_agrees(name: str, full, measure) -> bool:
 def fast_paths(
     model, gates, calibration: CalibrationSet, share_prefix: bool = True, chunked_head: bool = True
 ) -> FastPaths:
-    """The `FastPaths` that give the full forward's damage for a late single removal on one sample (a model whose
+    """The `FastPaths` that give the full forward's damage for a late removal on one sample (a model whose
     decoder loop needs more of its layers than their output, or whose forward changes the logits after its head, is
     measured without that shortcut).
 
@@ -336,11 +304,12 @@ def fast_paths(
 
 
 def _check_fast_paths(model, gates, calibration, share_prefix: bool, head: LinearHead | None) -> tuple[bool, bool]:
-    """(shared prefix agrees, chunked head agrees) with the full forward on one sample and a late single removal."""
+    """(shared prefix agrees, chunked head agrees) with the full forward on one sample and the
+    removal of the last block but one."""
     device = next(model.parameters()).device
     ids, mask = calibration.input_ids[:1].to(device), calibration.attention_mask[:1].to(device)
     reference = reference_pass(model, gates.layers, ids, mask, head)
-    late = [(gates.num_blocks - 1,)]
+    late = [(max(gates.num_blocks - 2, 0),)]  # replayed blocks, a skipped one, then one block run
     full = configuration_damage(model, gates, ids, mask, late, reference, share_prefix=False)
     prefix = share_prefix and _shortcut_agrees(
         "shared-prefix", full, lambda: configuration_damage(model, gates, ids, mask, late, reference, True)

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from ..data import CalibrationSet
 from ..errors import BlockCBOError
 from ..evaluation.likelihood import perplexity
+from ..evaluation.many_states import perplexities
 from ..solvers import Candidate
 
 
@@ -36,12 +37,17 @@ def select_by_validation(
 ) -> tuple[Candidate, list[Candidate]]:
     """(best candidate, every candidate with ``score`` = its validation perplexity); ties go to the lower rank.
 
-    ``prepare(candidate)``, when given, returns a context entered while that candidate is scored (repair-aware
+    The candidates are evaluated together (:func:`hf_blockcbo.evaluation.many_states.perplexities`: the blocks
+    they share run once). ``prepare(candidate)``, when given, returns a context entered while that candidate is scored (repair-aware
     selection fits the candidate's repair maps and hooks them); a candidate it refuses (`BlockCBOError`) scores
     infinity.
     """
     if not candidates:
         raise BlockCBOError("no candidate to select from")
+    if prepare is None:  # one trie over the candidates: the blocks they share run once
+        scores = perplexities(model, validation, [c.blocks for c in candidates], batch_size, gate, progress)
+        scored = [replace(c, score=s) for c, s in zip(candidates, scores, strict=True)]
+        return min(scored, key=lambda c: (c.score, c.rank)), scored
     scored = []
     for c in tqdm(candidates, desc="validating candidates", disable=not progress):
         try:

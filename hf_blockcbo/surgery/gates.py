@@ -107,7 +107,11 @@ class BlockGates:
         values = self.values.to(like.device)
         if values.dim() == 1:
             return values[index]
-        if values.shape[0] != like.shape[0]:
+        rows = values.shape[0]
+        if like.dim() == 2 and like.shape[0] != rows and like.shape[0] % rows == 0:
+            # a branch that flattens its tokens to [batch·T, d] (OPT's MLP): row r is sample r // T
+            return values[:, index].repeat_interleave(like.shape[0] // rows)[:, None]
+        if rows != like.shape[0]:
             raise BlockCBOError(
                 f"per-sample gates hold {values.shape[0]} rows but the batch has {like.shape[0]} samples"
             )
