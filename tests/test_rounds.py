@@ -114,9 +114,8 @@ def test_rounds_end_at_a_ground_state_that_no_swap_improves(swaps, tiny_llama, t
     config = BlockRemovalConfig(num_samples=4, seq_len=10, batch_size=4, measured_samples=4, num_remove=3, top_k=4)
     artifact = calibrate(tiny_llama, tokenizer, config, _source(), progress=False, calibration=cal)
     first = solve_artifact(artifact, config)
-    result, records = refine_by_rounds(
-        tiny_llama, artifact, config.replace(measured_rounds=4), cal, first, False, swaps=swaps
-    )
+    rounds = config.replace(measured_rounds=4, measured_round_swaps=swaps)  # the trust region from the config
+    result, records = refine_by_rounds(tiny_llama, artifact, rounds, cal, first, False)
     assert 1 <= len(records) <= 4
     assert records[0]["centre"] == list(first.candidates[0].blocks)
     for earlier, later in zip(records, records[1:], strict=False):
@@ -148,6 +147,12 @@ def test_measured_rounds_must_be_a_count():
     for bad in (-1, 1.5, True):
         with pytest.raises(BlockCBOError, match="measured_rounds"):
             BlockRemovalConfig(measured_rounds=bad)
+    for bad in (0, 3):
+        with pytest.raises(BlockCBOError, match="measured_round_swaps must be 1 or 2"):
+            BlockRemovalConfig(measured_round_swaps=bad)
+    for bad in (True, "1"):
+        with pytest.raises(BlockCBOError, match="measured_round_swaps"):
+            BlockRemovalConfig(measured_round_swaps=bad)
 
 
 def test_the_cli_flag_reaches_the_provenance(tiny_model_dir, tmp_path):
@@ -157,11 +162,13 @@ def test_the_cli_flag_reaches_the_provenance(tiny_model_dir, tmp_path):
 
     out = tmp_path / "out"
     argv = ["prune", "--model", str(tiny_model_dir), "--remove", "3", "--measured-rounds", "2", "--select", "energy"]
+    argv += ["--measured-round-swaps", "1"]
     argv += ["--num-samples", "4", "--seq-len", "16", "--batch-size", "4", "--no-progress", "--output", str(out)]
     assert main(argv) == 0
     provenance = json.loads((out / "block_removal.json").read_text())
     rounds = provenance["solver"]["rounds"]
     assert 1 <= len(rounds) <= 2 and provenance["config"]["measured_rounds"] == 2
+    assert provenance["config"]["measured_round_swaps"] == 1 and all(r["swaps"] == 1 for r in rounds)
     assert provenance["removed_blocks"] == rounds[-1]["ground_state"]
 
 

@@ -7,7 +7,7 @@ the most promising outside ones (:func:`~hf_blockcbo.hessian.measured.measure_ex
 energy exact at s and at every swap of one of its blocks. Beyond that the expansion is an extrapolation that can go
 badly wrong (on Gemma-3-270M at M = 6 an unrestricted solve jumped four swaps to a state it predicted at −0.003 nats
 of KL, which had 1.9× the test perplexity on Persuasion), so each round searches a trust region: the K lowest states
-within ``ROUND_SWAPS`` swaps of s, enumerated exactly with the same protected blocks and constraints
+within ``config.measured_round_swaps`` (default ``ROUND_SWAPS``) swaps of s, enumerated exactly with the same protected blocks and constraints
 (:func:`~hf_blockcbo.solvers.neighbourhood.solve_near`). One swap is exact, the second is the expansion's pairwise
 prediction. Rounds stop early once the ground state no longer moves.
 """
@@ -59,14 +59,15 @@ def refine_by_rounds(
     progress: bool = True,
     log=print,
     expansions: list | None = None,
-    swaps: int = ROUND_SWAPS,
+    swaps: int | None = None,
 ) -> tuple[SolveResult, list[dict]]:
     """Up to ``config.measured_rounds`` rounds from ``result``'s ground state; (last result, one record per round).
 
     The damage is measured on the first ``config.measured_samples`` samples of ``calibration`` (the windows of the
     first pass when the config is the artifact's). Each round's `Expansion` is appended to ``expansions`` if given;
-    each round's states lie within ``swaps`` swaps of its centre.
+    each round's states lie within ``swaps`` (default: ``config.measured_round_swaps``) swaps of its centre.
     """
+    swaps = swaps if swaps is not None else getattr(config, "measured_round_swaps", ROUND_SWAPS)
     count = min(len(calibration), config.measured_samples)
     subset = CalibrationSet(calibration.input_ids[:count], calibration.attention_mask[:count], calibration.source)
     records = []
