@@ -60,31 +60,20 @@ def test_gates_are_removable(tiny_llama):
         assert not module._forward_hooks and not module._forward_pre_hooks
 
 
-def test_per_sample_gates_scale_each_sample_separately(tiny_llama):
-    with BlockGates(tiny_llama) as gates:
-        values = torch.ones(2, gates.num_blocks)
-        values[1, 3] = 0.0
-        gates.set(values)
-        mixed = _logits(tiny_llama)
-        gates.set_removed([3])
-        removed = _logits(tiny_llama)
-    torch.testing.assert_close(mixed[0], _logits(tiny_llama)[0])
-    torch.testing.assert_close(mixed[1], removed[1])
-
-
-def test_per_sample_gates_reach_a_branch_that_flattens_its_tokens():
+@pytest.mark.parametrize("family", ["llama", "opt"])  # OPT's MLP runs on [batch·T, d]
+def test_per_sample_gates_scale_each_sample_separately(family):
     from .conftest import make_model
     from .test_architectures import _config
 
-    opt = make_model(_config("opt"))  # OPT's MLP runs on [batch·T, d]
-    with BlockGates(opt) as gates:
+    model = make_model(_config(family))
+    with BlockGates(model) as gates:
         values = torch.ones(2, gates.num_blocks)
-        values[1, 2] = 0.0
+        values[1, 3] = 0.0
         gates.set(values)
-        mixed = _logits(opt)
-        gates.set_removed([2])
-        removed = _logits(opt)
-    torch.testing.assert_close(mixed[0], _logits(opt)[0])
+        mixed = _logits(model)
+        gates.set_removed([3])
+        removed = _logits(model)
+    torch.testing.assert_close(mixed[0], _logits(model)[0])
     torch.testing.assert_close(mixed[1], removed[1])
 
 

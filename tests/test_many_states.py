@@ -16,19 +16,10 @@ from hf_blockcbo.surgery.gates import BlockGates
 
 from .conftest import make_model
 from .test_architectures import FAMILIES, _config
+from .test_curvature import _samples
 
 
 STATES = [(), (1,), (1, 3), (1, 3, 4), (0, 1), (2, 5), (1, 3), (5,), (0, 1, 2, 3, 4, 5)]
-
-
-def _samples(m=5, width=12, seed=0, pad=True):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 200, (m, width), generator=g)
-    mask = torch.ones_like(ids)
-    if pad:
-        mask[1, 7:] = 0
-        ids[1, 7:] = 0
-    return CalibrationSet(ids, mask, source="test")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
