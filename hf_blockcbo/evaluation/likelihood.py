@@ -29,6 +29,14 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def summed_nll(logits: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor) -> float:
+    """The next-token loss of ``logits`` ``[b, T, V]`` on ``ids``, summed over the ``valid`` ``[b, T-1]`` targets."""
+    token_loss = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="none"
+    ).view(valid.shape)
+    return float(token_loss[valid].sum())
+
+
 @torch.no_grad()
 def _nll(model, dataset: CalibrationSet, batch_size: int, progress: bool, desc: str) -> tuple[float, int]:
     total, count = 0.0, 0
@@ -38,10 +46,7 @@ def _nll(model, dataset: CalibrationSet, batch_size: int, progress: bool, desc: 
         ids, mask = ids.to(device), mask.to(device)
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         valid = (mask[:, 1:] * mask[:, :-1]).bool()
-        token_loss = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="none"
-        ).view(valid.shape)
-        total += float(token_loss[valid].sum())
+        total += summed_nll(logits, ids, valid)
         count += int(valid.sum())
         bar.update(ids.shape[0])
     bar.close()

@@ -11,12 +11,10 @@ the check is evaluated one state at a time.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -26,7 +24,7 @@ from ..hessian.gradients import frozen_eval
 from ..hessian.measured import fast_paths
 from ..hessian.replay import output_is_tuple, shared_prefix, skipped_blocks, stream_until
 from ..surgery.gates import BlockGates
-from .likelihood import perplexity
+from .likelihood import perplexity, summed_nll
 
 
 def perplexities(
@@ -77,14 +75,8 @@ class _BatchWalk:
     """One batch through the trie of ``sets``: ``nll[c]``, the summed next-token loss of state ``c``."""
 
     def __init__(self, model, layers, sets, ids, mask, as_tuple: bool):
-        self.model, self.layers, self.sets, self.ids, self.mask, self.as_tuple = (
-            model,
-            layers,
-            sets,
-            ids,
-            mask,
-            as_tuple,
-        )
+        self.model, self.layers, self.sets, self.as_tuple = model, layers, sets, as_tuple
+        self.ids, self.mask = ids, mask
         self.valid = (mask[:, 1:] * mask[:, :-1]).bool()
         self.nll: dict[int, float] = {}
 
@@ -97,9 +89,8 @@ class _BatchWalk:
             self.leaf(members, start)
             return
         if k > start[0]:  # the stretch the whole group agrees on, run once
-            begin = start if start[0] > 0 else None
             hidden = stream_until(
-                self.model, self.layers, self.ids, self.mask, k, begin, self.sets[members[0]], self.as_tuple
+                self.model, self.layers, self.ids, self.mask, k, start, self.sets[members[0]], self.as_tuple
             )
             start = (k, hidden)
         self.group([c for c in members if k in self.sets[c]], start)
@@ -107,13 +98,12 @@ class _BatchWalk:
 
     def leaf(self, members: list[int], start: tuple[int, torch.Tensor | None]) -> None:
         first, hidden = start
-        replay = shared_prefix(self.layers, first, hidden, self.as_tuple) if first > 0 else contextlib.nullcontext()
         skip = [b for b in self.sets[members[0]] if b >= first]
-        with replay, skipped_blocks(self.layers, skip, self.as_tuple):
+        with (
+            shared_prefix(self.layers, first, hidden, self.as_tuple),
+            skipped_blocks(self.layers, skip, self.as_tuple),
+        ):
             logits = self.model(input_ids=self.ids, attention_mask=self.mask, use_cache=False).logits
-        token_loss = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), self.ids[:, 1:].reshape(-1), reduction="none"
-        ).view(self.valid.shape)
-        nll = float(token_loss[self.valid].sum())
+        nll = summed_nll(logits, self.ids, self.valid)
         for c in members:
             self.nll[c] = nll

@@ -67,7 +67,7 @@ def _stand_ins(layers: nn.ModuleList, replacements: dict[int, nn.Module]):
 
 def shared_prefix(layers: nn.ModuleList, first: int, hidden: torch.Tensor, as_tuple: bool):
     """Blocks ``0..first-1`` replaced by a replay of block ``first``'s input (they are unchanged in every configuration
-    of the group, so their output is known); restored on exit."""
+    of the group, so their output is known); restored on exit. ``first = 0`` replaces nothing."""
     return _stand_ins(layers, {i: _Replay(hidden, as_tuple, layers[i]) for i in range(first)})
 
 
@@ -106,7 +106,8 @@ def stream_until(
     skip: Iterable[int] = (),
     as_tuple: bool = False,
 ) -> torch.Tensor:
-    """The input of block ``stop``: the forward begins at block 0, or at ``start = (block, its input)``, skips the
+    """The input of block ``stop``: the forward begins at block 0, or at ``start = (block, its input)`` (block 0:
+    ``(0, None)``), skips the
     blocks in ``skip`` and stops as soon as block ``stop``'s input is known."""
     captured: list[torch.Tensor] = []
 
@@ -115,10 +116,12 @@ def stream_until(
         raise _Reached
 
     first, hidden = start if start is not None else (0, None)
-    replay = shared_prefix(layers, first, hidden, as_tuple) if first > 0 else contextlib.nullcontext()
     handle = layers[stop].register_forward_pre_hook(pre, with_kwargs=True)
     try:
-        with replay, skipped_blocks(layers, [b for b in skip if first <= b < stop], as_tuple):
+        with (
+            shared_prefix(layers, first, hidden, as_tuple),
+            skipped_blocks(layers, [b for b in skip if first <= b < stop], as_tuple),
+        ):
             model(input_ids=ids, attention_mask=mask, use_cache=False)
     except _Reached:
         pass
