@@ -107,8 +107,7 @@ def stream_until(
     as_tuple: bool = False,
 ) -> torch.Tensor:
     """The input of block ``stop``: the forward begins at block 0, or at ``start = (block, its input)`` (block 0:
-    ``(0, None)``), skips the
-    blocks in ``skip`` and stops as soon as block ``stop``'s input is known."""
+    ``(0, None)``), skips the blocks in ``skip`` and stops as soon as block ``stop``'s input is known."""
     captured: list[torch.Tensor] = []
 
     def pre(module, args, kwargs):
