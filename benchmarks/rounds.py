@@ -1,5 +1,6 @@
 """Do rounds (re-expanding the measured damage around the ground state) improve CBO's choice? Side by side in one run:
-CBO-measured with 0, 1 and up to ``--max-rounds`` rounds against BI, angular, norm ratio and SLEB, test perplexity on
+CBO-measured with 0, 1 and up to ``--max-rounds`` rounds, and with the library's defaults for rounds (as ``prune``
+runs them, trigger included), against BI, angular, norm ratio and SLEB, test perplexity on
 two held-out domains, predicted vs measured calibration KL, bootstrap stability and each method's cost.
 
     python examples/offline_eval_data.py --output eval_data
@@ -30,7 +31,7 @@ from hf_blockcbo.hessian.artifact import HessianArtifact
 from hf_blockcbo.models import load_model, resolve_model
 from hf_blockcbo.pipeline import calibrate, calibration_samples, validation_samples
 from hf_blockcbo.selection.diagnose import measure_states
-from hf_blockcbo.selection.rounds import ROUND_SWAPS, refine_by_rounds
+from hf_blockcbo.selection.rounds import ROUND_SWAPS, refine_by_rounds, solve_with_rounds
 from hf_blockcbo.selection.scorers import ScoringContext, score
 from hf_blockcbo.selection.validation import spearman
 from hf_blockcbo.solvers.dispatch import solve_artifact, solve_artifact_near
@@ -122,6 +123,22 @@ def main() -> None:
         result = solve_artifact(artifact, config)
         chosen, best = select(result.candidates)
         evaluate("cbo, 0 rounds", m, chosen.blocks, f"state {best}", first_seconds, first_tokens)
+        # the pipeline's own path with the library's defaults for rounds (trigger included), as `prune` runs it
+        defaults, records = solve_with_rounds(model, artifact, base.replace(num_remove=m), lambda: calibration)
+        chosen, best = select(defaults.candidates)
+        records = records or []
+        ran = [r for r in records if r["round"] > 0]
+        seconds = first_seconds + sum(r["seconds"] for r in records)
+        tokens = first_tokens + sum(r["tokens"] for r in records)
+        how = f"state {best}, {len(ran)} round(s)"
+        evaluate("cbo, library defaults", m, chosen.blocks, how, seconds, tokens)
+        ground = result.candidates[0]
+        measured = measure_states(model, [ground.blocks], cal, batch_size=8).kl[0]
+        notes.append(
+            f"M = {m}: first pass, predicted vs measured calibration KL of its ground state {list(ground.blocks)}: "
+            f"{ground.energy:.4f} / {measured:.4f} (relative error {abs(measured - ground.energy) / measured:.1%})."
+        )
+        print(notes[-1], flush=True)
         seconds, tokens = first_seconds, first_tokens
         expansions = []
         for r in range(1, args.max_rounds + 1 if m in rounds_at else 1):

@@ -54,18 +54,27 @@ class BlockRemovalConfig:
         default=8, metadata={"help": "measured: calibration samples the damage is averaged over."}
     )
     measured_rounds: int = field(
-        default=0,
+        default=2,
         metadata={
-            "help": "measured: re-expand the damage around the current ground state this many times for the chosen "
-            "M and solve within `measured_round_swaps` swaps of it (each round measures about as many states as "
-            "the first pass; stops early once the ground state stays)."
+            "help": "measured: at most this many rounds, each re-expanding the damage around the current ground "
+            "state of the chosen M and solving within `measured_round_swaps` swaps of it; they run only when "
+            "`measured_round_trigger` fires and stop once the ground state stays (0: no rounds). A one-swap round "
+            "costs about 0.7 of a first pass."
         },
     )
     measured_round_swaps: int = field(
-        default=2,
+        default=1,
         metadata={
             "help": "measured rounds: the trust region, 1 or 2 swaps from the centre (1: only swaps are measured, "
             "every candidate exact, a round costs about 40 % less)."
+        },
+    )
+    measured_round_trigger: float = field(
+        default=0.2,
+        metadata={
+            "help": "measured rounds: run them only when the first pass's energy at its ground state misses the "
+            "damage measured there by more than this fraction (0: whenever measured_rounds > 0). The pairwise "
+            "expansion is exact for M <= 2; a large miss means interactions of three or more blocks matter."
         },
     )
     damage: str = field(
@@ -128,6 +137,9 @@ class BlockRemovalConfig:
             raise BlockCBOError(f"measured_pairs must be a non-negative integer or None, got {self.measured_pairs!r}")
         if not isinstance(self.measured_rounds, int) or self.measured_rounds < 0:
             raise BlockCBOError(f"measured_rounds must be a non-negative integer, got {self.measured_rounds!r}")
+        trigger = self.measured_round_trigger
+        if isinstance(trigger, bool) or not isinstance(trigger, (int, float)) or not 0 <= trigger < float("inf"):
+            raise BlockCBOError(f"measured_round_trigger must be a fraction >= 0 (e.g. 0.1), got {trigger!r}")
         if self.measured_round_swaps not in (1, 2):
             raise BlockCBOError(f"measured_round_swaps must be 1 or 2, got {self.measured_round_swaps!r}")
         if not isinstance(self.measured_samples, int) or self.measured_samples <= 0:

@@ -295,8 +295,9 @@ def choose_blocks(
             model, candidates, validation, config.batch_size, gate=config.gate, progress=progress, prepare=prepare
         )
         how = f"validation perplexity over the {len(candidates)} lowest states ({validation.source})"
-        if rounds:
-            how += f", after {len(rounds)} round(s) of re-expansion"
+        ran = [r for r in rounds or [] if r["round"] > 0]  # round 0: the trigger's check, not a round
+        if ran:
+            how += f", after {len(ran)} round(s) of re-expansion"
         if config.repair:
             how += ", each scored after its repair"
         unpruned = perplexity(model, validation, batch_size=config.batch_size)

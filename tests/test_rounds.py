@@ -133,7 +133,7 @@ def test_rounds_end_at_a_ground_state_that_no_swap_improves(swaps, tiny_llama, t
 
 def test_rounds_are_recorded_and_off_for_the_papers_estimator(tiny_llama, tokenizer):
     cal_config = dict(num_samples=4, seq_len=16, batch_size=4, measured_samples=4, num_remove=2, top_k=3)
-    config = BlockRemovalConfig(measured_rounds=1, select="energy", **cal_config)
+    config = BlockRemovalConfig(measured_rounds=1, measured_round_trigger=0, select="energy", **cal_config)
     selection, artifact = choose_blocks(tiny_llama, tokenizer, config, _source(), progress=False)
     rounds = selection.solver["rounds"]
     assert len(rounds) == 1 and rounds[0]["configurations"] > 0
@@ -162,7 +162,7 @@ def test_the_cli_flag_reaches_the_provenance(tiny_model_dir, tmp_path):
 
     out = tmp_path / "out"
     argv = ["prune", "--model", str(tiny_model_dir), "--remove", "3", "--measured-rounds", "2", "--select", "energy"]
-    argv += ["--measured-round-swaps", "1"]
+    argv += ["--measured-round-swaps", "1", "--measured-round-trigger", "0"]
     argv += ["--num-samples", "4", "--seq-len", "16", "--batch-size", "4", "--no-progress", "--output", str(out)]
     assert main(argv) == 0
     provenance = json.loads((out / "block_removal.json").read_text())
@@ -179,7 +179,7 @@ def test_the_callback_cuts_the_state_the_rounds_end_at(tiny_llama, tokenizer, tm
     from hf_blockcbo.callback import BlockRemovalCallback
 
     cal = _samples()
-    config = BlockRemovalConfig(num_remove=3, top_k=3, measured_samples=4, measured_rounds=2)
+    config = BlockRemovalConfig(num_remove=3, top_k=3, measured_samples=4, measured_rounds=2, measured_round_trigger=0)
     rows = [{"input_ids": i, "attention_mask": m} for i, m in zip(cal.input_ids, cal.attention_mask, strict=True)]
     callback = BlockRemovalCallback(config)
     callback.compute(TrainingArguments(output_dir=str(tmp_path), report_to="none"), tiny_llama, DataLoader(rows, 4))
@@ -190,3 +190,89 @@ def test_the_callback_cuts_the_state_the_rounds_end_at(tiny_llama, tokenizer, tm
     timeless = [{k: v for k, v in r.items() if k != "seconds"} for r in records]
     assert [{k: v for k, v in r.items() if k != "seconds"} for r in callback.rounds] == timeless
     assert tiny_llama.config.num_hidden_layers == 3
+
+
+def test_state_damage_is_the_directly_measured_kl(tiny_llama):
+    from hf_blockcbo.hessian.measured import measure_state_damage
+
+    cal = _samples()
+    states = [[1, 3], [0, 4, 5], [1, 3]]
+    damage = measure_state_damage(tiny_llama, cal, states, batch_size=3)
+    assert damage.shape == (len(cal), len(states))
+    for k, state in enumerate(states):
+        assert float(damage[:, k].mean()) == pytest.approx(_direct_kl(tiny_llama, cal, state), rel=1e-4, abs=1e-7)
+    with pytest.raises(BlockCBOError, match="at least one block"):
+        measure_state_damage(tiny_llama, cal, [[]])
+
+
+def _trigger_setup(tiny_llama, tokenizer, num_remove, pairs=14):
+    cal = _samples()
+    config = BlockRemovalConfig(
+        num_samples=4,
+        seq_len=10,
+        batch_size=4,
+        measured_samples=4,
+        num_remove=num_remove,
+        top_k=4,
+        measured_pairs=pairs,
+        measured_rounds=2,
+        measured_round_swaps=1,
+    )
+    artifact = calibrate(tiny_llama, tokenizer, config, _source(), progress=False, calibration=cal)
+    return cal, config, artifact
+
+
+def test_the_trigger_measures_the_ground_state_and_gates_the_rounds(tiny_llama, tokenizer):
+    from hf_blockcbo.selection.rounds import solve_with_rounds
+
+    cal, config, artifact = _trigger_setup(tiny_llama, tokenizer, num_remove=3)
+    first = solve_artifact(artifact, config)
+    ground = list(first.candidates[0].blocks)
+    measured = _direct_kl(tiny_llama, cal, ground)
+    miss = abs(measured - first.candidates[0].energy) / measured
+    assert miss > 1e-3  # three removed blocks interact: the pairwise expansion is off at M = 3
+
+    lenient = config.replace(measured_round_trigger=miss * 2)  # the miss is under the trigger: no round runs
+    result, records = solve_with_rounds(tiny_llama, artifact, lenient, lambda: cal, progress=False)
+    assert [r["round"] for r in records] == [0] and records[0]["rounds_run"] is False
+    assert records[0]["state"] == ground and records[0]["measured"] == pytest.approx(measured, rel=1e-4)
+    assert records[0]["miss"] == pytest.approx(miss, rel=1e-3)
+    assert [c.blocks for c in result.candidates] == [c.blocks for c in first.candidates]
+
+    strict = config.replace(measured_round_trigger=miss / 2)  # over the trigger: the rounds run as without one
+    result, records = solve_with_rounds(tiny_llama, artifact, strict, lambda: cal, progress=False)
+    assert records[0]["round"] == 0 and records[0]["rounds_run"] is True
+    always = config.replace(measured_round_trigger=0)
+    untriggered, plain = solve_with_rounds(tiny_llama, artifact, always, lambda: cal, progress=False)
+    timeless = [{k: v for k, v in r.items() if k != "seconds"} for r in plain]
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in records[1:]] == timeless
+    assert [c.blocks for c in result.candidates] == [c.blocks for c in untriggered.candidates]
+
+
+def test_the_trigger_never_fires_where_the_expansion_is_exact(tiny_llama, tokenizer):
+    from hf_blockcbo.selection.rounds import solve_with_rounds
+
+    cal, config, artifact = _trigger_setup(tiny_llama, tokenizer, num_remove=2, pairs=None)
+    config = config.replace(measured_round_trigger=1e-3)
+    _, records = solve_with_rounds(tiny_llama, artifact, config, lambda: cal, progress=False)
+    assert len(records) == 1 and records[0]["miss"] < 1e-4 and records[0]["rounds_run"] is False
+
+
+def test_the_trigger_is_a_fraction_and_reaches_the_provenance(tiny_model_dir, tmp_path):
+    import json
+
+    from hf_blockcbo.commands.cli import main
+
+    for bad in (-0.1, True, "0.1", float("inf"), float("nan")):
+        with pytest.raises(BlockCBOError, match="measured_round_trigger"):
+            BlockRemovalConfig(measured_round_trigger=bad)
+    out = tmp_path / "out"
+    argv = ["prune", "--model", str(tiny_model_dir), "--remove", "3", "--measured-rounds", "2", "--select", "energy"]
+    argv += ["--measured-round-trigger", "1e9", "--num-samples", "4", "--seq-len", "16", "--batch-size", "4"]
+    assert main([*argv, "--no-progress", "--output", str(out)]) == 0
+    provenance = json.loads((out / "block_removal.json").read_text())
+    (check,) = provenance["solver"]["rounds"]
+    assert (
+        check["round"] == 0 and check["rounds_run"] is False and provenance["config"]["measured_round_trigger"] == 1e9
+    )
+    assert provenance["removed_blocks"] == check["state"]

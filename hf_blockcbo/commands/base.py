@@ -64,7 +64,14 @@ GROUPS = {
     "calibration": ("data", "num_samples", "seq_len", "batch_size", "packing", "gate"),
     "curvature": ("curvature", "measured_pairs", "measured_samples", "damage"),
     "solver": ("num_remove", "top_k", "solver", "protected", "per_kind", "param_budget", "beta", "seed", "time_limit"),
-    "selection": ("select", "validation_data", "validation_samples", "measured_rounds", "measured_round_swaps"),
+    "selection": (
+        "select",
+        "validation_data",
+        "validation_samples",
+        "measured_rounds",
+        "measured_round_swaps",
+        "measured_round_trigger",
+    ),
     "choice": ("scorer", "rank", "blocks"),
     "repair": ("repair", "repair_samples", "repair_ridge"),
 }

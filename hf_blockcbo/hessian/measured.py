@@ -397,6 +397,31 @@ def _measure_phase(model, gates, calibration, configurations, batch_size, desc, 
         return _measure(model, gates, calibration, configurations, batch_size, bar, paths)
 
 
+def measure_state_damage(
+    model: nn.Module,
+    calibration: CalibrationSet,
+    states: Sequence[Sequence[int]],
+    gate: str = "auto",
+    batch_size: int = 8,
+    damage: str = "kl",
+) -> torch.Tensor:
+    """D of each state (its blocks removed) on each sample, ``[m, len(states)]``, measured as the passes measure it
+    (per-sample mean over targets, the same fast paths): ``damage`` is ``"kl"`` or ``"ce"`` (CE increase)."""
+    if len(calibration) == 0:
+        raise BlockCBOError("the calibration set is empty; give at least one sample")
+    if damage not in ("kl", "ce"):
+        raise BlockCBOError(f"damage must be 'kl' or 'ce', got {damage!r}")
+    configurations = [tuple(sorted(int(b) for b in s)) for s in states]
+    if not configurations or any(not c for c in configurations):
+        raise BlockCBOError("every state must remove at least one block")
+    with frozen_eval(model), BlockGates(model, gate=gate) as gates:
+        paths = fast_paths(model, gates, calibration, True, True)
+        unique = list(dict.fromkeys(configurations))
+        kl, ce = _measure_phase(model, gates, calibration, unique, batch_size, "states", False, paths)
+    value = kl if damage == "kl" else ce
+    return value[:, [unique.index(c) for c in configurations]]
+
+
 def measure_damage(
     model: nn.Module,
     calibration: CalibrationSet,

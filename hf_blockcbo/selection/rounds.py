@@ -10,6 +10,11 @@ of KL, which had 1.9× the test perplexity on Persuasion), so each round searche
 within ``config.measured_round_swaps`` (default ``ROUND_SWAPS``) swaps of s, enumerated exactly with the same protected blocks and constraints
 (:func:`~hf_blockcbo.solvers.neighbourhood.solve_near`). One swap is exact, the second is the expansion's pairwise
 prediction. Rounds stop early once the ground state no longer moves.
+
+With ``config.measured_round_trigger`` > 0 the rounds run only when they are needed: the first pass's ground state
+is measured (one configuration), and rounds start only if the energy misses that damage by more than the trigger's
+fraction. The pairwise expansion is exact for M ≤ 2, so a miss measures the interactions of three or more removed
+blocks that it leaves out, at the one state that matters most.
 """
 
 from __future__ import annotations
@@ -21,12 +26,12 @@ from torch import nn
 
 from ..data import CalibrationSet
 from ..hessian.artifact import HessianArtifact
-from ..hessian.measured import measure_expansion
+from ..hessian.measured import measure_expansion, measure_state_damage
 from ..solvers import SolveResult
 from ..solvers.dispatch import solve_artifact, solve_artifact_near
 
 
-ROUND_SWAPS = 2  # a round's trust region: states at most this many swaps from its centre
+ROUND_SWAPS = 1  # a round's trust region (the config's default): states this many swaps from its centre
 
 
 def rounds_apply(config, artifact: HessianArtifact | None) -> bool:
@@ -42,12 +47,66 @@ def solve_with_rounds(
     progress: bool = True,
 ) -> tuple[SolveResult, list[dict] | None]:
     """The K lowest states of ``config``, after ``config.measured_rounds`` rounds when they apply (``samples()``, the
-    calibration samples, is called only then); (result, the rounds' records or None). Every face solves through it.
+    calibration samples, is called only then); (result, the rounds' records or None). With a trigger the first
+    record is its check (``round`` 0, :func:`expansion_miss`), and rounds follow only if it fired. Every face solves
+    through it.
     """
     result = solve_artifact(artifact, config)
     if not rounds_apply(config, artifact):
         return result, None
-    return refine_by_rounds(model, artifact, config, samples(), result, progress=progress)
+    calibration = samples()
+    if config.measured_round_trigger > 0:
+        check = expansion_miss(model, artifact, config, calibration, result)
+        if progress:
+            print(
+                f"rounds: the energy predicts {check['predicted']:.4f} at the ground state {check['state']}, "
+                f"measured {check['measured']:.4f} (miss {check['miss']:.1%}; rounds run above "
+                f"{config.measured_round_trigger:.0%})"
+            )
+        if not check["rounds_run"]:
+            return result, [check]
+        refined, records = refine_by_rounds(model, artifact, config, calibration, result, progress=progress)
+        return refined, [check, *records]
+    return refine_by_rounds(model, artifact, config, calibration, result, progress=progress)
+
+
+def _measured_subset(config, calibration: CalibrationSet) -> CalibrationSet:
+    """The first ``config.measured_samples`` samples: the windows the first pass measured when the config is its."""
+    count = min(len(calibration), config.measured_samples)
+    return CalibrationSet(calibration.input_ids[:count], calibration.attention_mask[:count], calibration.source)
+
+
+def expansion_miss(
+    model: nn.Module, artifact: HessianArtifact, config, calibration: CalibrationSet, result: SolveResult
+) -> dict:
+    """How far the first pass's energy is off at its ground state: the damage measured there (the artifact's kind, on
+    the first ``config.measured_samples`` samples), the relative miss, and whether it exceeds the trigger. The record
+    has ``round`` 0, ahead of the rounds' own records."""
+    ground = result.candidates[0]
+    began = time.perf_counter()
+    subset = _measured_subset(config, calibration)
+    damage = measure_state_damage(
+        model,
+        subset,
+        [ground.blocks],
+        gate=artifact.metadata.get("gate", "auto"),
+        batch_size=config.batch_size,
+        damage=artifact.metadata.get("damage", "kl"),
+    )
+    measured = float(damage.mean())
+    miss = abs(measured - ground.energy) / max(abs(measured), 1e-12)
+    return {
+        "round": 0,
+        "check": "first pass's energy at its ground state",
+        "state": list(ground.blocks),
+        "predicted": float(ground.energy),
+        "measured": measured,
+        "miss": miss,
+        "trigger": config.measured_round_trigger,
+        "rounds_run": miss > config.measured_round_trigger,
+        "tokens": int(subset.attention_mask.sum()),
+        "seconds": round(time.perf_counter() - began, 3),
+    }
 
 
 def refine_by_rounds(
@@ -68,8 +127,7 @@ def refine_by_rounds(
     each round's states lie within ``swaps`` (default: ``config.measured_round_swaps``) swaps of its centre.
     """
     swaps = swaps if swaps is not None else getattr(config, "measured_round_swaps", ROUND_SWAPS)
-    count = min(len(calibration), config.measured_samples)
-    subset = CalibrationSet(calibration.input_ids[:count], calibration.attention_mask[:count], calibration.source)
+    subset = _measured_subset(config, calibration)
     records = []
     for index in range(config.measured_rounds):
         centre = list(result.candidates[0].blocks)
