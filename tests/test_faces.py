@@ -31,6 +31,8 @@ def _comparable(record: dict) -> dict:
     out.pop("selection", None)
     out.get("calibration", {}).pop("seconds", None)
     (out.get("solver") or {}).pop("seconds", None)
+    for record in (out.get("solver") or {}).get("rounds") or []:  # the rounds' trigger check and rounds, timed
+        record.pop("seconds", None)
     (out.get("repair") or {}).pop("seconds", None)
     return out
 

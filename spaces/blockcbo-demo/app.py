@@ -23,14 +23,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from hf_blockcbo.config import BlockRemovalConfig  # noqa: E402
-from hf_blockcbo.data import build_calibration_set  # noqa: E402
+from hf_blockcbo.data import build_calibration_set, calibration_samples  # noqa: E402
 from hf_blockcbo.errors import BlockCBOError  # noqa: E402
 from hf_blockcbo.evaluation.likelihood import perplexity  # noqa: E402
 from hf_blockcbo.hessian.artifact import HessianArtifact  # noqa: E402
 from hf_blockcbo.models import load_model, model_fingerprint, resolve_model  # noqa: E402
 from hf_blockcbo.pipeline import Selection, calibrate, prune_and_save  # noqa: E402
+from hf_blockcbo.selection.rounds import solve_with_rounds  # noqa: E402
 from hf_blockcbo.selection.scorers import ScoringContext, score  # noqa: E402
-from hf_blockcbo.solvers.dispatch import solve_artifact  # noqa: E402
 from hf_blockcbo.surgery.architectures import count_parameters, describe_blocks  # noqa: E402
 
 
@@ -67,6 +67,7 @@ _lock = threading.Lock()
 _models: dict[str, tuple] = {}
 _artifacts: dict[str, HessianArtifact] = {}
 _configs: dict[str, BlockRemovalConfig] = {}  # the config each model's artifact was computed with
+_solutions: dict[tuple, tuple] = {}  # (model, artifact, M, K) -> (result, rounds), as `prune` solves it
 _stats: dict[str, dict] = {}
 
 
@@ -92,6 +93,11 @@ def _artifact(model_id: str) -> HessianArtifact:
         except BlockCBOError as err:
             raise gr.Error(f"the shipped Hessian does not fit this model: {err}") from err
         _artifacts[model_id] = artifact
+        # its windows, so rounds of re-expansion measure the damage where the shipped pass measured it
+        meta = artifact.metadata
+        _configs[model_id] = DEMO_CONFIG.replace(
+            model=model_id or None, seq_len=int(meta["seq_len"]), num_samples=int(meta["num_samples"])
+        )
     return _artifacts[model_id]
 
 
@@ -135,9 +141,17 @@ def _config(model_id: str) -> BlockRemovalConfig:
 
 
 def _solve(artifact: HessianArtifact, num_remove: int, top_k: int, model_id: str | None = None):
-    """The spectrum exactly as `hf-blockcbo prune` would solve it (same config fields, same solver call)."""
-    config = _config(model_id or "").replace(num_remove=int(num_remove), top_k=int(min(max(int(top_k), 1), 100)))
-    return solve_artifact(artifact, config)
+    """The spectrum exactly as `hf-blockcbo prune` solves it: the same config fields and the same call, rounds of
+    re-expansion (when their trigger fires) included; (result, rounds), cached per setting."""
+    model_id = model_id or ""
+    config = _config(model_id).replace(num_remove=int(num_remove), top_k=int(min(max(int(top_k), 1), 100)))
+    key = (model_id, id(artifact), config.num_remove, config.top_k)
+    if key not in _solutions:
+        model, tokenizer, _ = _model(model_id)
+        _solutions[key] = solve_with_rounds(
+            model, artifact, config, lambda: calibration_samples(tokenizer, config), progress=False
+        )
+    return _solutions[key]
 
 
 # -- 2. the spectrum ----------------------------------------------------------------------------------------------
@@ -182,7 +196,7 @@ def spectrum(model_id: str, num_remove: int, top_k: int):
     """Energy spectrum, block-frequency map, Hessian heat map, candidates and the baselines' choices."""
     artifact = _artifact(model_id)
     num_remove = int(min(max(int(num_remove), 1), artifact.num_blocks - 1))  # the slider adapts to the model
-    result = _solve(artifact, num_remove, top_k, model_id)
+    result, _ = _solve(artifact, num_remove, top_k, model_id)
     sizes = artifact.block_num_parameters or [0] * artifact.num_blocks
     total = int(artifact.metadata.get("num_parameters") or 0) or sum(sizes)
     rows = [
@@ -234,7 +248,7 @@ def generate(model_id: str, num_remove: int, top_k: int, rank: int, prompt: str,
     if not prompt or len(prompt) > 2000:
         raise gr.Error("write a prompt of at most 2000 characters")
     artifact = _artifact(model_id)
-    result = _solve(artifact, num_remove, top_k, model_id)
+    result, _ = _solve(artifact, num_remove, top_k, model_id)
     rank = int(rank or 0)
     if rank >= len(result.candidates):
         raise gr.Error(f"pick a rank below {len(result.candidates)}")
@@ -270,10 +284,13 @@ def download(model_id: str, num_remove: int, top_k: int, rank: int, repair: bool
     import copy
 
     artifact = _artifact(model_id)
-    result = _solve(artifact, num_remove, top_k, model_id)
+    result, rounds = _solve(artifact, num_remove, top_k, model_id)
     rank = int(rank or 0)
     if rank >= len(result.candidates):
         raise gr.Error(f"pick a rank below {len(result.candidates)}")
+    solver = {k: v for k, v in result.to_dict().items() if k != "candidates"}
+    if rounds is not None:
+        solver["rounds"] = rounds
     candidate = result.candidates[rank]
     model, tokenizer, source = _model(model_id)
     selection = Selection(
@@ -281,7 +298,7 @@ def download(model_id: str, num_remove: int, top_k: int, rank: int, repair: bool
         how=f"rank {rank} by energy (chosen in the Space)",
         energy=candidate.energy,
         rank=candidate.rank,
-        solver={k: v for k, v in result.to_dict().items() if k != "candidates"},
+        solver=solver,
         spectrum=[c.to_dict() for c in result.candidates],
     )
     folder = Path(tempfile.mkdtemp()) / "pruned"
