@@ -67,7 +67,7 @@ _lock = threading.Lock()
 _models: dict[str, tuple] = {}
 _artifacts: dict[str, HessianArtifact] = {}
 _configs: dict[str, BlockRemovalConfig] = {}  # the config each model's artifact was computed with
-_solutions: dict[tuple, tuple] = {}  # (model, artifact, M, K) -> (result, rounds), as `prune` solves it
+_solutions: dict[tuple, tuple] = {}  # (model, M, K) -> (result, rounds) on its current artifact, as `prune` solves it
 _stats: dict[str, dict] = {}
 
 
@@ -129,6 +129,8 @@ def compute_hessian(model_id: str, source: str, pasted: str, upload, num_samples
     _artifacts[model_id] = artifact
     _configs[model_id] = config
     _stats.pop(model_id, None)
+    for key in [k for k in _solutions if k[0] == (model_id or "")]:  # solved on the artifact this one replaces
+        del _solutions[key]
     return (
         f"Hessian from {num_samples} samples of {config.seq_len} tokens ({artifact.metadata['dataset']}); "
         f"{artifact.num_blocks} blocks; curvature estimator: {artifact.curvature}."
@@ -145,7 +147,7 @@ def _solve(artifact: HessianArtifact, num_remove: int, top_k: int, model_id: str
     re-expansion (when their trigger fires) included; (result, rounds), cached per setting."""
     model_id = model_id or ""
     config = _config(model_id).replace(num_remove=int(num_remove), top_k=int(min(max(int(top_k), 1), 100)))
-    key = (model_id, id(artifact), config.num_remove, config.top_k)
+    key = (model_id, config.num_remove, config.top_k)  # emptied for the model when its artifact is recomputed
     if key not in _solutions:
         model, tokenizer, _ = _model(model_id)
         _solutions[key] = solve_with_rounds(
