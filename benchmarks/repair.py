@@ -33,9 +33,6 @@ from hf_blockcbo.repair.least_squares import fit_repair
 from hf_blockcbo.selection.scorers import ScoringContext, score
 
 
-TEACHERS = {"smollm2": "embedded:smollm2"}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2")
@@ -108,13 +105,13 @@ def main() -> None:
     aware, _ = choose_blocks(model, tokenizer, config.replace(repair=True), source, artifact, progress=False)
     measure("cbo (repair-aware)", aware.blocks, calibrate_s + time.perf_counter() - began, aware.how)
     ctx = ScoringContext.from_config(model, tokenizer, config, None, sleb_samples=8)
-    for method in args.methods.split(","):
+    for method in [m for m in args.methods.split(",") if m]:
         began = time.perf_counter()
         chosen = score(method, ctx, args.remove)[0]
         measure(method, chosen.blocks, time.perf_counter() - began)
 
     heal_rows = []
-    if args.heal_steps and args.model in TEACHERS:
+    if args.heal_steps:
         heal_rows = distill(args, model, tokenizer, source, config, aware, tests, unpruned)
     write(args, rows, heal_rows, unpruned, tests)
 
@@ -126,6 +123,7 @@ def distill(args, model, tokenizer, source, config, selection, tests, unpruned) 
     from hf_blockcbo.healing.trainer import HealConfig, heal
 
     work = Path(tempfile.mkdtemp(prefix="repair_bench_"))
+    teacher = config.model or "embedded:smollm2"  # the unpruned model the student came from
     out = []
     try:
         for label, repaired, steps in (
@@ -148,7 +146,7 @@ def distill(args, model, tokenizer, source, config, selection, tests, unpruned) 
                 warmup_steps=max(1, steps // 10),
             )
             began = time.perf_counter()
-            heal(student, TEACHERS[args.model], None, work / f"healed_{int(repaired)}", heal_args, eval_samples=8)
+            heal(student, teacher, None, work / f"healed_{int(repaired)}", heal_args, eval_samples=8)
             heal_s = time.perf_counter() - began
             healed = AutoModelForCausalLM.from_pretrained(work / f"healed_{int(repaired)}").eval()
             row = {"method": f"cbo {label} ({steps} steps)", "prepare_s": prepare_s, "heal_s": heal_s}

@@ -94,6 +94,13 @@ class BlockRemovalConfig:
         default=None, metadata={"help": "Held-out data for selection; None: the embedded validation split."}
     )
     validation_samples: int = field(default=32, metadata={"help": "Validation samples (seq_len tokens each)."})
+    validation_metric: str = field(
+        default="perplexity",
+        metadata={
+            "help": "What validation selection minimises: perplexity, or kl (mean per-token KL from the unpruned "
+            "model, the damage the energy predicts); docs/results.md §1 compares them."
+        },
+    )
     protected: list[int] = field(default_factory=list, metadata={"help": "Blocks that are never removed."})
     per_kind: dict[str, int] = field(
         default_factory=dict, metadata={"help": "Exact count per block kind, e.g. {'attention': 2, 'moe': 1}."}
@@ -151,6 +158,8 @@ class BlockRemovalConfig:
             )
         if self.select not in ("validation", "energy"):
             raise BlockCBOError(f"select must be 'validation' or 'energy', got {self.select!r}")
+        if self.validation_metric not in ("kl", "perplexity"):
+            raise BlockCBOError(f"validation_metric must be 'kl' or 'perplexity', got {self.validation_metric!r}")
         if not isinstance(self.validation_samples, int) or self.validation_samples <= 0:
             raise BlockCBOError(f"validation_samples must be a positive integer, got {self.validation_samples!r}")
         if self.rank is not None and self.rank < 0:

@@ -292,9 +292,17 @@ def choose_blocks(
         validation = validation_samples(tokenizer, config)
         prepare = repaired_candidate(model, tokenizer, config) if config.repair else None
         chosen, candidates = select_by_validation(
-            model, candidates, validation, config.batch_size, gate=config.gate, progress=progress, prepare=prepare
+            model,
+            candidates,
+            validation,
+            config.batch_size,
+            gate=config.gate,
+            progress=progress,
+            prepare=prepare,
+            metric=config.validation_metric,
         )
-        how = f"validation perplexity over the {len(candidates)} lowest states ({validation.source})"
+        metric = "KL from the unpruned model" if config.validation_metric == "kl" else "perplexity"
+        how = f"validation {metric} over the {len(candidates)} lowest states ({validation.source})"
         ran = [r for r in rounds or [] if r["round"] > 0]  # round 0: the trigger's check, not a round
         if ran:
             how += f", after {len(ran)} round(s) of re-expansion"
@@ -319,7 +327,8 @@ def choose_blocks(
 
 
 def repaired_candidate(model: nn.Module, tokenizer, config: BlockRemovalConfig):
-    """For repair-aware selection: ``candidate -> context`` in which the gated model carries that candidate's repair."""
+    """For repair-aware selection: ``candidate -> factory of contexts`` in which the gated model carries that
+    candidate's repair."""
     from .repair.least_squares import repair_aware
 
     return repair_aware(model, repair_samples(tokenizer, config), config.repair_ridge, config.batch_size, config.gate)

@@ -85,6 +85,7 @@ def test_prune_end_to_end_with_saved_hessian(tiny_model_dir, tmp_path, capsys):
     assert provenance["removed_blocks"] == best["blocks"] and provenance["solver"]["certified"]
     assert provenance["validation_perplexity"] == best["score"] and provenance["scorer"] == "cbo"
     assert [row["rank"] for row in spectrum] == list(range(len(spectrum)))
+    assert provenance["config"]["validation_metric"] == "perplexity"
     # reuse the artifact: same choice, no calibration
     out2 = tmp_path / "p2"
     assert (
@@ -374,3 +375,4 @@ def test_a_failed_plot_leaves_no_candidates_file(artifact_path, tmp_path, monkey
     assert main(argv) == 2
     assert "needs matplotlib" in capsys.readouterr().err
     assert not out.exists() and not png.exists()
+

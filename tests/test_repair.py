@@ -216,18 +216,35 @@ def test_repair_aware_selection_scores_candidates_after_repair(tiny_model_dir):
     source = resolve_model(str(tiny_model_dir), None)
     model, tokenizer = load_model(source)
     config = BlockRemovalConfig(
-        num_remove=2, num_samples=4, measured_samples=4, seq_len=24, top_k=3, validation_samples=4, repair=True
+        num_remove=2,
+        num_samples=4,
+        measured_samples=4,
+        seq_len=24,
+        top_k=3,
+        validation_samples=4,
+        repair=True,
+        validation_metric="kl",
     )
     config.repair_samples = 4
+    from .test_scorers import token_kl
+
     selection, _ = choose_blocks(model, tokenizer, config, source, progress=False)
-    assert "after its repair" in selection.how
+    assert "after its repair" in selection.how and "KL" in selection.how
     validation = validation_samples(tokenizer, config)
     data = repair_samples(tokenizer, config)
     for state in selection.spectrum:
         repair = fit_repair(model, state["blocks"], data, config.repair_ridge, config.batch_size)
         with repair.applied(model):
-            assert perplexity(model, validation, state["blocks"]) == pytest.approx(state["score"], rel=1e-6)
-    assert selection.validation_ppl == min(s["score"] for s in selection.spectrum)
+            assert perplexity(model, validation, state["blocks"]) == pytest.approx(state["score"], rel=1e-5)
+        # the KL is to the unpruned model without the repair's hooks
+        kl = token_kl(model, validation, state["blocks"], hooks=repair.applied(model))
+        assert state["validation_kl"] == pytest.approx(kl, rel=1e-4, abs=1e-7)
+    chosen = min(selection.spectrum, key=lambda s: s["validation_kl"])
+    assert selection.blocks == chosen["blocks"] and selection.validation_ppl == chosen["score"]
+    by_perplexity, _ = choose_blocks(
+        model, tokenizer, config.replace(validation_metric="perplexity"), source, progress=False
+    )
+    assert by_perplexity.validation_ppl == min(s["score"] for s in by_perplexity.spectrum)
 
 
 def test_config_validates_repair_fields():

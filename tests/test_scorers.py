@@ -59,12 +59,52 @@ def test_protected_blocks_are_respected_by_baselines(setup):
         assert not {0, 1, 2} & set(score(method, ctx, 2)[0].blocks)
 
 
-def test_selection_picks_the_argmin_of_validation_perplexity(setup):
+def token_kl(model, data, removed, hooks=None):
+    """Token-weighted mean KL(unpruned ‖ gated) over the targets, one state at a time; ``hooks``: a context the gated
+    model runs in (the reference runs outside it)."""
+    import contextlib
+
+    from hf_blockcbo.surgery.gates import BlockGates
+
+    with torch.no_grad():
+        ref = torch.log_softmax(model(input_ids=data.input_ids, attention_mask=data.attention_mask).logits, -1)
+        with hooks or contextlib.nullcontext(), BlockGates(model) as gates:
+            gates.set_removed(list(removed))
+            out = torch.log_softmax(model(input_ids=data.input_ids, attention_mask=data.attention_mask).logits, -1)
+    token = (ref.exp() * (ref - out)).sum(-1)[:, :-1].double()
+    valid = (data.attention_mask[:, 1:] * data.attention_mask[:, :-1]).double()
+    return float((token * valid).sum() / valid.sum())
+
+
+def test_selection_by_default_picks_the_argmin_of_validation_perplexity(setup):
     model, ctx, validation = setup
     candidates = score("cbo", ctx, 2)
     best, scored = select_by_validation(model, candidates, validation, batch_size=2, progress=False)
     assert best.score == min(c.score for c in scored)
     assert [c.blocks for c in scored] == [c.blocks for c in candidates]
+    assert all(c.validation_kl is None for c in scored)
+
+
+def test_selection_by_kl_picks_the_argmin_of_validation_kl(setup):
+    model, ctx, validation = setup
+    candidates = score("cbo", ctx, 3)
+    best, scored = select_by_validation(model, candidates, validation, batch_size=2, progress=False, metric="kl")
+    assert [c.blocks for c in scored] == [c.blocks for c in candidates]
+    for c in scored:
+        assert c.validation_kl == pytest.approx(token_kl(model, validation, c.blocks), rel=1e-4, abs=1e-7)
+        assert c.score == pytest.approx(perplexity(model, validation, c.blocks, batch_size=2), rel=1e-5)
+    assert best.validation_kl == min(c.validation_kl for c in scored)
+    assert "validation_kl" in best.to_dict()
+
+
+def test_an_unknown_validation_metric_is_refused(setup):
+    model, ctx, validation = setup
+    with pytest.raises(BlockCBOError, match="validation metric must be one of kl, perplexity"):
+        select_by_validation(model, score("cbo", ctx, 2), validation, progress=False, metric="accuracy")
+    from hf_blockcbo.config import BlockRemovalConfig
+
+    with pytest.raises(BlockCBOError, match="validation_metric must be 'kl' or 'perplexity'"):
+        BlockRemovalConfig(validation_metric="ppl")
 
 
 def test_gate_masked_evaluation_equals_the_pruned_model(setup):

@@ -68,6 +68,7 @@ GROUPS = {
         "select",
         "validation_data",
         "validation_samples",
+        "validation_metric",
         "measured_rounds",
         "measured_round_swaps",
         "measured_round_trigger",
@@ -80,6 +81,7 @@ _CHOICES = {
     "packing": ("auto", "pack", "truncate"),
     "gate": ("auto", "branch", "layer"),
     "select": ("validation", "energy"),
+    "validation_metric": ("kl", "perplexity"),
     "damage": ("kl", "ce"),
 }
 

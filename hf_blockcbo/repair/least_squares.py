@@ -27,6 +27,7 @@ repair.fold_into(model)              # weights rewritten; then remove_blocks(mod
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -487,10 +488,11 @@ def fit_repair(
 
 
 def repair_aware(model: nn.Module, data: CalibrationSet, ridge: float, batch_size: int = 8, gate: str = "auto"):
-    """For repair-aware selection: ``candidate -> context`` in which the gated model carries that candidate's
-    repair (fitted on ``data`` when called, so a candidate that cannot be repaired is refused before scoring)."""
+    """For repair-aware selection: ``candidate -> factory of contexts`` in which the gated model carries that
+    candidate's repair (fitted on ``data`` when called, so a candidate that cannot be repaired is refused before
+    scoring; the factory can be entered once per batch)."""
 
     def prepare(candidate):
-        return fit_repair(model, candidate.blocks, data, ridge, batch_size, gate).applied(model)
+        return functools.partial(fit_repair(model, candidate.blocks, data, ridge, batch_size, gate).applied, model)
 
     return prepare

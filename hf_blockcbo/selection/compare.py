@@ -140,7 +140,7 @@ def run_comparison(
     and zero-shot accuracy on each multiple-choice task in ``mc_tasks`` (name → items).
 
     With ``repair_data`` every row also gets the perplexities after the training-free repair fitted on it, and a
-    row ``cbo (repair-aware)`` selects among the CBO states by their repaired validation perplexity. With
+    row ``cbo (repair-aware)`` selects among the CBO states by their repaired validation score (`validation_metric`). With
     ``harness_tasks`` every row gets lm-evaluation-harness accuracies (gated model, no copy); with ``speed`` the
     measured decode speed-up of a physically pruned copy over the original.
     """
@@ -148,6 +148,7 @@ def run_comparison(
 
     model = ctx.model
     gate = getattr(ctx.config, "gate", "auto")
+    metric = getattr(ctx.config, "validation_metric", "kl")
 
     def repaired(target, blocks) -> tuple[float, float, float]:
         began = time.perf_counter()
@@ -199,7 +200,9 @@ def run_comparison(
             candidates = score(method, ctx, num_remove)
             note = ""
             if method == "cbo":
-                best, scored = select_by_validation(model, candidates, validation, ctx.batch_size, progress=False)
+                best, scored = select_by_validation(
+                    model, candidates, validation, ctx.batch_size, progress=False, metric=metric
+                )
                 spectra[num_remove] = [(c.energy, c.score) for c in scored]
                 if select == "validation":
                     chosen, note = best, f"state {best.rank} of {len(scored)} (validation)"
@@ -215,6 +218,7 @@ def run_comparison(
                         ctx.batch_size,
                         progress=False,
                         prepare=repair_aware(model, repair_data, repair_ridge, ctx.batch_size, gate),
+                        metric=metric,
                     )
                     row = ComparisonRow(
                         "cbo (repair-aware)",

@@ -8,9 +8,11 @@ unpruned model's next-token distribution to the pruned one, and the perplexity; 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,11 +49,20 @@ def measure_states(
     gate: str = "auto",
     batch_size: int = 8,
     progress: bool = False,
+    contexts: Sequence[Callable[[], AbstractContextManager] | None] | None = None,
 ) -> StateDamage:
-    """KL to the unpruned model and perplexity of every state (blocks removed), gate-masked, several per forward."""
+    """KL to the unpruned model and perplexity of every state (blocks removed), gate-masked, several per forward.
+
+    ``contexts[i]``, when given, makes the context state ``i`` is measured in (e.g. its repair maps hooked); the
+    reference is the unpruned model outside every context, and such a state runs alone, its prefix not shared.
+    """
     if len(held_out) == 0:
         raise BlockCBOError("the held-out set is empty")
     states = [tuple(sorted(int(b) for b in s)) for s in states]
+    if contexts is not None and len(contexts) != len(states):
+        raise BlockCBOError(f"{len(contexts)} contexts for {len(states)} states")
+    hooked = [k for k in range(len(states)) if contexts is not None and contexts[k] is not None]
+    plain = [k for k in range(len(states)) if k not in set(hooked)]
     device = next(model.parameters()).device
     kl_sum = torch.zeros(len(states), dtype=torch.float64)
     ce_sum = torch.zeros(len(states), dtype=torch.float64)
@@ -67,15 +78,17 @@ def measure_states(
             base_sum += float((reference.ce.double().cpu() * counts).sum())
             tokens += int(counts.sum())
             per_forward = max(1, rows // ids.shape[0])
-            order = sorted(range(len(states)), key=lambda k: min(states[k]) if states[k] else 0)
-            for lo in range(0, len(order), per_forward):
-                chunk = order[lo : lo + per_forward]
+            order = sorted(plain, key=lambda k: min(states[k]) if states[k] else 0)
+            chunks = [(order[lo : lo + per_forward], None) for lo in range(0, len(order), per_forward)]
+            chunks += [([k], contexts[k]) for k in hooked]
+            for chunk, context in chunks:
                 configs = [states[k] for k in chunk]
                 if any(not c for c in configs):
                     raise BlockCBOError("a state removes no block")
-                kl, dce = configuration_damage(
-                    model, gates, ids, mask, configs, reference, paths.share_prefix, paths.head
-                )
+                with context() if context is not None else contextlib.nullcontext():
+                    kl, dce = configuration_damage(
+                        model, gates, ids, mask, configs, reference, paths.share_prefix and context is None, paths.head
+                    )
                 kl_sum[chunk] += (kl * counts[:, None]).sum(0)
                 ce_sum[chunk] += ((dce + reference.ce.double().cpu()[:, None]) * counts[:, None]).sum(0)
                 bar.update(len(chunk) * ids.shape[0])

@@ -2,12 +2,13 @@
 
 The paper's own limitation ("the ground state does not always yield the best configuration … an automated selection
 procedure would be desirable"): the top-K states are scored by validation perplexity on data separate from the
-calibration set, with no copy of the model per candidate (gates switch the blocks off).
+calibration set, with no copy of the model per candidate (gates switch the blocks off). ``metric="kl"`` decides by
+the mean per-token KL from the unpruned model's next-token distribution instead, the damage the measured energy
+predicts (docs/results.md §1, "Which rule picks", compares the two).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -21,9 +22,11 @@ from ..errors import BlockCBOError
 from ..evaluation.likelihood import perplexity
 from ..evaluation.many_states import perplexities
 from ..solvers import Candidate
+from .diagnose import measure_states
 
 
 SELECTIONS = ("validation", "energy")
+METRICS = ("kl", "perplexity")
 
 
 def select_by_validation(
@@ -33,31 +36,54 @@ def select_by_validation(
     batch_size: int = 8,
     gate: str = "auto",
     progress: bool = True,
-    prepare: Callable[[Candidate], AbstractContextManager] | None = None,
+    prepare: Callable[[Candidate], Callable[[], AbstractContextManager]] | None = None,
+    metric: str = "perplexity",
 ) -> tuple[Candidate, list[Candidate]]:
-    """(best candidate, every candidate with ``score`` = its validation perplexity); ties go to the lower rank.
+    """(best candidate, every candidate scored); ties go to the lower rank.
 
-    The candidates are evaluated together (:func:`hf_blockcbo.evaluation.many_states.perplexities`: the blocks
-    they share run once). ``prepare(candidate)``, when given, returns a context entered while that candidate is scored (repair-aware
-    selection fits the candidate's repair maps and hooks them); a candidate it refuses (`BlockCBOError`) scores
-    infinity.
+    Every candidate gets ``score`` = its validation perplexity, and the best has the least. With ``metric="kl"``
+    every candidate also gets ``validation_kl`` = its mean per-token KL from the unpruned model on the same tokens,
+    and the best has the least KL (the damage the energy predicts). Measured on two models and two held-out domains
+    (docs/results.md §1, "Which rule picks"), neither rule wins everywhere at 16 validation windows; perplexity on
+    more windows does best, so it is the default. The candidates are evaluated together (the
+    blocks they share run once). ``prepare(candidate)``, when given, fits that candidate's repair and returns a
+    factory of contexts in which the gated model carries it (repair-aware selection); a candidate it refuses
+    (`BlockCBOError`) scores infinity.
     """
+    if metric not in METRICS:
+        raise BlockCBOError(f"validation metric must be one of {', '.join(METRICS)}, got {metric!r}")
     if not candidates:
         raise BlockCBOError("no candidate to select from")
-    if prepare is None:  # one trie over the candidates: the blocks they share run once
-        scores = perplexities(model, validation, [c.blocks for c in candidates], batch_size, gate, progress)
-        scored = [replace(c, score=s) for c, s in zip(candidates, scores, strict=True)]
-        return min(scored, key=lambda c: (c.score, c.rank)), scored
-    scored = []
-    for c in tqdm(candidates, desc="validating candidates", disable=not progress):
-        try:
-            context = prepare(c) if prepare is not None else contextlib.nullcontext()
-        except BlockCBOError:
-            scored.append(replace(c, score=math.inf))
-            continue
-        with context:
-            scored.append(replace(c, score=perplexity(model, validation, c.blocks, batch_size=batch_size, gate=gate)))
-    best = min(scored, key=lambda c: (c.score, c.rank))
+    contexts: list[Callable[[], AbstractContextManager] | None] | None = None
+    refused: set[int] = set()
+    if prepare is not None:
+        contexts = []
+        for i, c in enumerate(tqdm(candidates, desc="repairing candidates", disable=not progress)):
+            try:
+                contexts.append(prepare(c))
+            except BlockCBOError:
+                contexts.append(None)
+                refused.add(i)
+    scorable = [i for i in range(len(candidates)) if i not in refused]
+    states = [candidates[i].blocks for i in scorable]
+    ppl = dict.fromkeys(range(len(candidates)), math.inf)
+    kl = dict.fromkeys(range(len(candidates)), math.inf)
+    if states and metric == "kl":
+        hooks = [contexts[i] for i in scorable] if contexts is not None else None
+        damage = measure_states(model, states, validation, gate, batch_size, progress, contexts=hooks)
+        ppl.update(zip(scorable, damage.perplexity, strict=True))
+        kl.update(zip(scorable, damage.kl, strict=True))
+    elif states and contexts is None:  # one trie over the candidates: the blocks they share run once
+        ppl.update(zip(scorable, perplexities(model, validation, states, batch_size, gate, progress), strict=True))
+    elif states:
+        for i in tqdm(scorable, desc="validating candidates", disable=not progress):
+            with contexts[i]():
+                ppl[i] = perplexity(model, validation, candidates[i].blocks, batch_size=batch_size, gate=gate)
+    scored = [
+        replace(c, score=ppl[i], validation_kl=kl[i] if metric == "kl" else None) for i, c in enumerate(candidates)
+    ]
+    key = (lambda c: (c.validation_kl, c.rank)) if metric == "kl" else (lambda c: (c.score, c.rank))
+    best = min(scored, key=key)
     if not math.isfinite(best.score):
         raise BlockCBOError(
             "no candidate could be scored: every one was refused (e.g. repair cannot fold into tied embeddings); "

@@ -19,12 +19,15 @@ class Candidate:
     rank: int
     blocks: tuple[int, ...]
     energy: float
-    score: float | None = None  # a baseline's own score, or a validation metric, when there is one
+    score: float | None = None  # a baseline's own score, or the validation perplexity, when there is one
+    validation_kl: float | None = None  # mean per-token KL from the unpruned model on the validation split
 
     def to_dict(self) -> dict:
         row = {"rank": self.rank, "blocks": list(self.blocks), "energy": self.energy}
         if self.score is not None:
             row["score"] = self.score
+        if self.validation_kl is not None:
+            row["validation_kl"] = self.validation_kl
         return row
 
 
