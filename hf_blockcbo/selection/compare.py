@@ -148,7 +148,7 @@ def run_comparison(
 
     model = ctx.model
     gate = getattr(ctx.config, "gate", "auto")
-    metric = getattr(ctx.config, "validation_metric", "kl")
+    metric = getattr(ctx.config, "validation_metric", "perplexity")
 
     def repaired(target, blocks) -> tuple[float, float, float]:
         began = time.perf_counter()

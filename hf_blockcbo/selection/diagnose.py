@@ -62,7 +62,7 @@ def measure_states(
     if contexts is not None and len(contexts) != len(states):
         raise BlockCBOError(f"{len(contexts)} contexts for {len(states)} states")
     hooked = [k for k in range(len(states)) if contexts is not None and contexts[k] is not None]
-    plain = [k for k in range(len(states)) if k not in set(hooked)]
+    plain = [k for k in range(len(states)) if contexts is None or contexts[k] is None]
     device = next(model.parameters()).device
     kl_sum = torch.zeros(len(states), dtype=torch.float64)
     ce_sum = torch.zeros(len(states), dtype=torch.float64)
