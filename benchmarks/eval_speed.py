@@ -4,7 +4,7 @@
     python benchmarks/eval_speed.py --model gemma3 --removes 2,4,6 --limit 100 --eval-dir eval_data --output docs/results
 
 (`eval_data` from `python examples/offline_eval_data.py --output eval_data`.) The blocks are chosen exactly as the
-README's main command chooses them (`hf-blockcbo prune --remove M --seq-len 128 --top-k 8 --validation-samples 16`,
+README's main command chooses them (`hf-blockcbo prune --remove M --seq-len 128 --top-k 8 --validation-samples 64`,
 one measured Hessian for every M). Harness scores (lm-evaluation-harness, local task files, the first ``--limit``
 items) are taken on the gated model; speed on a physically pruned copy against the original, interleaved, median of
 ``--repeats`` runs. Writes ``eval_speed_<name>.md``, ``.csv`` and ``.png`` into ``--output``.
@@ -45,6 +45,9 @@ def main() -> None:
     parser.add_argument(
         "--blocks", default="", help='blocks per M instead of choosing them, e.g. "6=13,14,15,16,17,18;2=4,17"'
     )
+    parser.add_argument(
+        "--validation-samples", type=int, default=64, help="validation windows for choosing the blocks (the README's)"
+    )
     parser.add_argument("--eval-dir", default="eval_data")
     parser.add_argument("--output", default="docs/results")
     args = parser.parse_args()
@@ -52,7 +55,7 @@ def main() -> None:
     model_arg = model_argument(args.model)
     source = resolve_model(model_arg, None)
     model, tokenizer = load_model(source, dtype="float32")
-    config = BlockRemovalConfig(model=model_arg, seq_len=128, top_k=8, validation_samples=16)
+    config = BlockRemovalConfig(model=model_arg, seq_len=128, top_k=8, validation_samples=args.validation_samples)
     tasks = [str(Path(args.eval_dir) / f"{t}.jsonl") for t in args.tasks.split(",") if t]
     given = dict(blocks_at(item) for item in args.blocks.split(";") if item)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]

@@ -8,7 +8,7 @@ For the same validation set and the same states, times two ways, interleaved:
   removed blocks skipped).
 Prints each way's seconds, the median of back-to-back ratios and the largest relative difference in perplexity.
 
-    hf-blockcbo prune --remove 6 --seq-len 128 --top-k 8 --validation-samples 16 --output smollm2-pruned
+    hf-blockcbo prune --remove 6 --seq-len 128 --top-k 8 --validation-samples 64 --output smollm2-pruned
     python benchmarks/validation_cost.py --model smollm2 --provenance smollm2-pruned/block_removal.json --repeats 3
 
 (the states of ``--provenance`` are the candidates that run validated, its ``spectrum``).
@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--states", default=None, help="';'-separated states, e.g. '4,14;4,15'")
     parser.add_argument("--provenance", default=None, help="a block_removal.json: its validated candidates")
-    parser.add_argument("--validation-samples", type=int, default=16)
+    parser.add_argument("--validation-samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()

@@ -6,7 +6,7 @@ python examples/python_api.py
 from hf_blockcbo import BlockRemovalConfig, BlockRemover
 
 
-config = BlockRemovalConfig(num_remove=4, num_samples=32, seq_len=128, top_k=8, validation_samples=16)
+config = BlockRemovalConfig(num_remove=4, num_samples=32, seq_len=128, top_k=8, validation_samples=64)
 remover = BlockRemover.from_pretrained(None, config)  # None: the embedded SmolLM2-135M-Instruct
 remover.calibrate()
 for candidate in remover.solve().candidates:

@@ -376,3 +376,22 @@ def test_a_failed_plot_leaves_no_candidates_file(artifact_path, tmp_path, monkey
     assert "needs matplotlib" in capsys.readouterr().err
     assert not out.exists() and not png.exists()
 
+
+def test_validation_metric_flag_reaches_the_selection(tiny_model_dir, artifact_path, tmp_path, capsys):
+    out = tmp_path / "kl"
+    args = ["prune", "--model", str(tiny_model_dir), "--hessian", str(artifact_path), "--remove", "2", *COMMON]
+    assert main([*args, "--validation-metric", "kl", "--output", str(out)]) == 0
+    provenance = json.loads((out / "block_removal.json").read_text())
+    assert provenance["config"]["validation_metric"] == "kl"
+    assert provenance["selection"].startswith("validation KL from the unpruned model")
+    kls = [row["validation_kl"] for row in provenance["spectrum"]]
+    assert all(kl is not None and kl >= 0 for kl in kls)
+    chosen = next(row for row in provenance["spectrum"] if row["blocks"] == provenance["removed_blocks"])
+    assert chosen["validation_kl"] == min(kls)
+    capsys.readouterr()
+    bad = tmp_path / "never"
+    assert main([*args, "--validation-metric", "bleu", "--output", str(bad)]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "--validation-metric" in errors[0] and "bleu" in errors[0]
+    assert not bad.exists()
