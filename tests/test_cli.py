@@ -284,6 +284,18 @@ def test_diagnose_reports_rank_correlations_and_a_plot(artifact_path, tiny_model
     assert "--overwrite" in capsys.readouterr().err and (out / "diagnose.md").stat().st_mtime_ns == before
 
 
+def test_diagnose_reports_the_stability_of_the_validation_pick(artifact_path, tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "diag"
+    args = ["diagnose", "--model", str(tiny_model_dir), "--hessian", str(artifact_path), "--remove", "2"]
+    args += ["--seq-len", "24", "--eval-samples", "2", "--random-states", "0", "--no-progress"]
+    args += ["--output-dir", str(out)]
+    assert main([*args, "--bootstrap", "0", "--pick-stability"]) == 2
+    assert "--bootstrap" in capsys.readouterr().err and not out.exists()
+    assert main([*args, "--bootstrap", "4", "--pick-stability", "--validation-samples", "2"]) == 0
+    row = next(line for line in (out / "diagnose.md").read_text().splitlines() if line.startswith("| 2 |"))
+    assert " % of [" in row.split("|")[-2]  # the "validation pick kept" column: the share and the pick
+
+
 def _snapshot(paths):
     return {str(p): (p.read_bytes() if p.is_file() else sorted(x.name for x in p.iterdir())) for p in paths}
 

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from ..config import BlockRemovalConfig
 from ..data import CalibrationSet
 from ..errors import BlockCBOError
+from ..evaluation.many_states import perplexities
 from ..hessian.artifact import HessianArtifact
 from ..hessian.gradients import frozen_eval
 from ..hessian.measured import configuration_damage, fast_paths, reference_pass, rows_per_forward
@@ -122,15 +123,38 @@ def random_states(num_blocks: int, num_remove: int, count: int, seed: int, prote
     return found
 
 
+@dataclass
+class Stability:
+    """How often a bootstrap resample of the calibration rows keeps the full sample's choice."""
+
+    ground_kept: float  # share of resamples whose ground state is the full sample's
+    top_overlap: float  # mean share of the full top-K that a resample's top-K keeps
+    pick_kept: float | None = None  # share whose validation pick (among its own top-K) is the full sample's pick
+    states_validated: int = 0  # distinct states the picks were chosen among (each validated once)
+    pick: tuple[int, ...] | None = None  # the full sample's validation pick
+
+
 def bootstrap_stability(
-    artifact: HessianArtifact, config: BlockRemovalConfig, draws: int = 100, seed: int = 0
-) -> tuple[float, float]:
-    """(share of resamples whose ground state is the full sample's, mean top-K overlap with the full top-K)."""
-    base = solve_artifact(artifact, config).candidates
-    ground, top = base[0].blocks, {c.blocks for c in base}
+    artifact: HessianArtifact,
+    config: BlockRemovalConfig,
+    draws: int = 100,
+    seed: int = 0,
+    model: nn.Module | None = None,
+    validation: CalibrationSet | None = None,
+    progress: bool = False,
+) -> Stability:
+    """Resample the calibration rows ``draws`` times (seeded) and re-solve.
+
+    With ``model`` and ``validation``, also the stability of what the pipeline removes: each resample's top-K is
+    ranked by ``config.validation_metric`` on ``validation`` (ties to the lower rank, as the selection does), every
+    distinct state measured once, and the pick compared with the full sample's.
+    """
+    if (model is None) != (validation is None):
+        raise BlockCBOError("the pick's stability needs both the model and the validation set")
+    base = [c.blocks for c in solve_artifact(artifact, config).candidates]
     rng = np.random.default_rng(seed)
-    same, overlap = 0, 0.0
     m = artifact.num_samples
+    tops: list[list[tuple[int, ...]]] = []
     for _ in range(draws):
         rows = rng.integers(0, m, size=m)
         resampled = HessianArtifact(
@@ -141,10 +165,28 @@ def bootstrap_stability(
             block_num_parameters=artifact.block_num_parameters,
             metadata=dict(artifact.metadata),
         )
-        cands = solve_artifact(resampled, config).candidates
-        same += int(cands[0].blocks == ground)
-        overlap += len({c.blocks for c in cands} & top) / len(top)
-    return same / draws, overlap / draws
+        tops.append([c.blocks for c in solve_artifact(resampled, config).candidates])
+    stability = Stability(
+        ground_kept=sum(top[0] == base[0] for top in tops) / draws,
+        top_overlap=sum(len(set(top) & set(base)) / len(base) for top in tops) / draws,
+    )
+    if validation is not None:
+        union = list(dict.fromkeys(state for top in [base, *tops] for state in top))
+        if config.validation_metric == "kl":
+            scores = measure_states(model, union, validation, config.gate, config.batch_size, progress).kl
+        else:
+            scores = perplexities(
+                model, validation, union, config.batch_size, config.gate, progress, "bootstrap picks"
+            )
+        by_state = dict(zip(union, scores, strict=True))
+
+        def pick(top: list[tuple[int, ...]]) -> tuple[int, ...]:
+            return min(top, key=lambda state: (by_state[state], top.index(state)))
+
+        chosen = stability.pick = pick(base)
+        stability.pick_kept = sum(pick(top) == chosen for top in tops) / draws
+        stability.states_validated = len(union)
+    return stability
 
 
 @dataclass
@@ -163,25 +205,26 @@ class MDiagnosis:
 class Diagnosis:
     curvature: str
     rows: list[MDiagnosis] = field(default_factory=list)
-    bootstrap: dict[int, tuple[float, float]] = field(default_factory=dict)
+    bootstrap: dict[int, Stability] = field(default_factory=dict)
 
     def markdown(self) -> str:
         lines = [
             f"Curvature `{self.curvature}`: energy vs measured damage (held-out mean per-token KL to the unpruned model)",
             "",
             "| M | states (top-K + random) | Spearman | Kendall | Spearman over top-K | ground state | its KL | "
-            "best measured state | its KL | bootstrap: ground state kept | top-K overlap |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "best measured state | its KL | bootstrap: ground state kept | top-K overlap | validation pick kept |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in self.rows:
             best = int(np.argmin(r.damage.kl))
             boot = self.bootstrap.get(r.num_remove)
-            kept = "" if boot is None else f"{100 * boot[0]:.0f} %"
-            over = "" if boot is None else f"{100 * boot[1]:.0f} %"
+            kept = "" if boot is None else f"{100 * boot.ground_kept:.0f} %"
+            over = "" if boot is None else f"{100 * boot.top_overlap:.0f} %"
+            picked = "" if boot is None or boot.pick is None else f"{100 * boot.pick_kept:.0f} % of {list(boot.pick)}"
             lines.append(
                 f"| {r.num_remove} | {r.kinds.count('top')} + {r.kinds.count('random')} | {r.spearman:.2f} | "
                 f"{r.kendall:.2f} | {r.spearman_top:.2f} | {list(r.states[0])} | {r.damage.kl[0]:.4f} | "
-                f"{list(r.states[best])} | {r.damage.kl[best]:.4f} | {kept} | {over} |"
+                f"{list(r.states[best])} | {r.damage.kl[best]:.4f} | {kept} | {over} | {picked} |"
             )
         return "\n".join(lines) + "\n"
 
@@ -195,8 +238,11 @@ def diagnose(
     random_count: int = 10,
     bootstraps: int = 0,
     progress: bool = False,
+    validation: CalibrationSet | None = None,
 ) -> Diagnosis:
-    """For each M: the top-K states of ``artifact`` and ``random_count`` random states, measured on ``held_out``."""
+    """For each M: the top-K states of ``artifact`` and ``random_count`` random states, measured on ``held_out``.
+
+    With ``bootstraps``, the stability of the ground state; with ``validation`` too, that of the validation pick."""
     diagnosis = Diagnosis(artifact.curvature)
     for m in removes:
         cfg = config.replace(num_remove=m)
@@ -212,7 +258,9 @@ def diagnose(
         kinds = ["top"] * len(top) + ["random"] * len(rand)
         diagnosis.rows.append(MDiagnosis(m, states, kinds, energies, damage, rho, tau, rho_top))
         if bootstraps:
-            diagnosis.bootstrap[m] = bootstrap_stability(artifact, cfg, bootstraps, config.seed)
+            diagnosis.bootstrap[m] = bootstrap_stability(
+                artifact, cfg, bootstraps, config.seed, model if validation is not None else None, validation, progress
+            )
     return diagnosis
 
 
