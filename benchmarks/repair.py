@@ -39,7 +39,10 @@ def main() -> None:
     parser.add_argument("--remove", type=int, default=6)
     parser.add_argument("--methods", default="bi,angular,norm_ratio,sleb")
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--eval-samples", type=int, default=16)
+    parser.add_argument("--eval-samples", type=int, default=16, help="test windows per held-out domain")
+    parser.add_argument(
+        "--validation-samples", type=int, default=64, help="validation windows for selection (the README's)"
+    )
     parser.add_argument("--repair-samples", type=int, default=64)
     parser.add_argument("--measured-samples", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=10)
@@ -60,7 +63,7 @@ def main() -> None:
         num_samples=64,
         measured_samples=args.measured_samples,
         top_k=args.top_k,
-        validation_samples=args.eval_samples,
+        validation_samples=args.validation_samples,
         repair_samples=args.repair_samples,
     )
     if args.ridge is not None:
