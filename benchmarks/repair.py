@@ -28,7 +28,7 @@ from hf_blockcbo.config import BlockRemovalConfig
 from hf_blockcbo.data import build_calibration_set, repair_samples
 from hf_blockcbo.evaluation.likelihood import perplexity
 from hf_blockcbo.models import load_model, resolve_model
-from hf_blockcbo.pipeline import calibrate, choose_blocks, prune_and_save
+from hf_blockcbo.pipeline import Selection, calibrate, choose_blocks, prune_and_save
 from hf_blockcbo.repair.least_squares import fit_repair
 from hf_blockcbo.selection.scorers import ScoringContext, score
 
@@ -49,6 +49,11 @@ def main() -> None:
     parser.add_argument("--ridge", type=float, default=None, help="default: the config's repair_ridge")
     parser.add_argument("--heal-steps", type=int, default=300, help="0: no distillation rows")
     parser.add_argument("--heal-short", type=int, default=100)
+    parser.add_argument(
+        "--cbo-blocks",
+        help="the CBO choice of an earlier run of this script (e.g. 7,8,9,12): skip the calibration and both CBO "
+        "selections, measure and distil these blocks",
+    )
     parser.add_argument("--eval-dir", default="eval_data")
     parser.add_argument("--output", default="docs/results")
     args = parser.parse_args()
@@ -98,15 +103,21 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    began = time.perf_counter()
-    artifact = calibrate(model, tokenizer, config, source, progress=False)
-    calibrate_s = time.perf_counter() - began
-    began = time.perf_counter()
-    plain, _ = choose_blocks(model, tokenizer, config, source, artifact, progress=False)
-    measure("cbo", plain.blocks, calibrate_s + time.perf_counter() - began, plain.how)
-    began = time.perf_counter()
-    aware, _ = choose_blocks(model, tokenizer, config.replace(repair=True), source, artifact, progress=False)
-    measure("cbo (repair-aware)", aware.blocks, calibrate_s + time.perf_counter() - began, aware.how)
+    if args.cbo_blocks:
+        blocks = [int(b) for b in args.cbo_blocks.split(",")]
+        plain = Selection(blocks, "given (--cbo-blocks: an earlier run's CBO choice)")
+        measure("cbo (given)", plain.blocks, 0.0, plain.how)
+    else:
+        began = time.perf_counter()
+        artifact = calibrate(model, tokenizer, config, source, progress=False)
+        calibrate_s = time.perf_counter() - began
+        began = time.perf_counter()
+        plain, _ = choose_blocks(model, tokenizer, config, source, artifact, progress=False)
+        measure("cbo", plain.blocks, calibrate_s + time.perf_counter() - began, plain.how)
+        began = time.perf_counter()
+        aware_config = config.replace(repair=True, repair_aware=True)
+        aware, _ = choose_blocks(model, tokenizer, aware_config, source, artifact, progress=False)
+        measure("cbo (repair-aware)", aware.blocks, calibrate_s + time.perf_counter() - began, aware.how)
     ctx = ScoringContext.from_config(model, tokenizer, config, None, sleb_samples=8)
     for method in [m for m in args.methods.split(",") if m]:
         began = time.perf_counter()
@@ -115,12 +126,13 @@ def main() -> None:
 
     heal_rows = []
     if args.heal_steps:
-        heal_rows = distill(args, model, tokenizer, source, config, aware, tests, unpruned)
+        heal_rows = distill(args, model, tokenizer, source, config, plain, tests, unpruned)
     write(args, rows, heal_rows, unpruned, tests)
 
 
 def distill(args, model, tokenizer, source, config, selection, tests, unpruned) -> list[dict]:
-    """The CBO choice: distilled `heal_steps` unrepaired vs repaired + distilled `heal_short` steps."""
+    """The CBO choice (what `prune --repair` removes): distilled `heal_steps` unrepaired vs repaired + distilled
+    `heal_short` steps."""
     from transformers import AutoModelForCausalLM
 
     from hf_blockcbo.healing.trainer import HealConfig, heal
@@ -172,7 +184,10 @@ def write(args, rows, heal_rows, unpruned, tests) -> None:
         f"# Training-free repair: {args.model}, M = {args.remove}",
         "",
         "Command: `python benchmarks/repair.py "
-        + f"--model {args.model} --remove {args.remove} --heal-steps {args.heal_steps} --eval-dir eval_data`",
+        + f"--model {args.model} --remove {args.remove} --top-k {args.top_k} "
+        + f"--validation-samples {args.validation_samples} --heal-steps {args.heal_steps} --methods '{args.methods}'"
+        + (f" --cbo-blocks {args.cbo_blocks}" if args.cbo_blocks else "")
+        + " --eval-dir eval_data`",
         "",
         "Unpruned test perplexity: " + ", ".join(f"{k} {v:.2f}" for k, v in unpruned.items()) + ".",
         "",

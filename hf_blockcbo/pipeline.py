@@ -290,7 +290,8 @@ def choose_blocks(
         chosen, how = candidates[0], "ground state (energy)"
     else:
         validation = validation_samples(tokenizer, config)
-        prepare = repaired_candidate(model, tokenizer, config) if config.repair else None
+        aware = config.repair and config.repair_aware
+        prepare = repaired_candidate(model, tokenizer, config) if aware else None
         chosen, candidates = select_by_validation(
             model,
             candidates,
@@ -306,7 +307,7 @@ def choose_blocks(
         ran = [r for r in rounds or [] if r["round"] > 0]  # round 0: the trigger's check, not a round
         if ran:
             how += f", after {len(ran)} round(s) of re-expansion"
-        if config.repair:
+        if aware:
             how += ", each scored after its repair"
         unpruned = perplexity(model, validation, batch_size=config.batch_size)
     selection = Selection(

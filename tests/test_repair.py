@@ -208,6 +208,25 @@ def test_prune_refuses_an_unfoldable_repair_before_writing(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_by_default_the_unrepaired_pick_is_the_one_repaired(tiny_model_dir):
+    from hf_blockcbo.models import load_model, resolve_model
+    from hf_blockcbo.pipeline import choose_blocks
+
+    source = resolve_model(str(tiny_model_dir), None)
+    model, tokenizer = load_model(source)
+    config = BlockRemovalConfig(
+        num_remove=2, num_samples=4, measured_samples=4, seq_len=24, top_k=3, validation_samples=4, repair_samples=4
+    )
+    plain, artifact = choose_blocks(model, tokenizer, config, source, progress=False)
+    repaired, _ = choose_blocks(model, tokenizer, config.replace(repair=True), source, artifact, progress=False)
+    assert repaired.blocks == plain.blocks and repaired.spectrum == plain.spectrum
+    assert "after its repair" not in repaired.how
+    aware, _ = choose_blocks(
+        model, tokenizer, config.replace(repair=True, repair_aware=True), source, artifact, progress=False
+    )
+    assert "after its repair" in aware.how and aware.spectrum != plain.spectrum  # scored repaired
+
+
 def test_repair_aware_selection_scores_candidates_after_repair(tiny_model_dir):
     from hf_blockcbo.data import repair_samples
     from hf_blockcbo.models import load_model, resolve_model
@@ -223,6 +242,7 @@ def test_repair_aware_selection_scores_candidates_after_repair(tiny_model_dir):
         top_k=3,
         validation_samples=4,
         repair=True,
+        repair_aware=True,
         validation_metric="kl",
     )
     config.repair_samples = 4
