@@ -143,7 +143,8 @@ def bootstrap_stability(
     validation: CalibrationSet | None = None,
     progress: bool = False,
 ) -> Stability:
-    """Resample the calibration rows ``draws`` times (seeded) and re-solve.
+    """Resample the calibration rows ``draws`` times (seeded) and re-solve (without rounds, which need the model
+    and the calibration windows: where `prune`'s trigger would fire, the pick here is the first pass's).
 
     With ``model`` and ``validation``, also the stability of what the pipeline removes: each resample's top-K is
     ranked by ``config.validation_metric`` on ``validation`` (ties to the lower rank, as the selection does), every
