@@ -193,8 +193,6 @@ class BlockRemovalConfig:
             raise BlockCBOError(f"per_kind counts must be non-negative integers, got {self.per_kind!r}")
         if not isinstance(self.repair, bool):
             raise BlockCBOError(f"repair must be true or false, got {self.repair!r}")
-        if not isinstance(self.repair_aware, bool):
-            raise BlockCBOError(f"repair_aware must be true or false, got {self.repair_aware!r}")
         if (
             not isinstance(self.repair_samples, int)
             or isinstance(self.repair_samples, bool)

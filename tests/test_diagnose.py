@@ -48,14 +48,7 @@ def _direct(model, config, artifact, validation, draws, seed):
     grounds, picks = 0, 0
     for _ in range(draws):
         rows = rng.integers(0, artifact.num_samples, size=artifact.num_samples)
-        resampled = HessianArtifact(
-            A=None,
-            Q_samples=artifact.resampled_H(rows)[None],
-            block_names=artifact.block_names,
-            block_kinds=artifact.block_kinds,
-            block_num_parameters=artifact.block_num_parameters,
-            metadata=dict(artifact.metadata),
-        )
+        resampled = artifact.resampled(rows)
         ground, pick = choose(resampled)
         grounds += ground == base_ground
         picks += pick == base_pick

@@ -130,6 +130,17 @@ class HessianArtifact:
             return a.T @ a / a.shape[0]
         return self.Q_samples[rows].mean(dim=0)
 
+    def resampled(self, rows: torch.Tensor | list[int]) -> HessianArtifact:
+        """The artifact whose energy matrix is H over ``rows`` (one bootstrap draw; the same blocks and metadata)."""
+        return HessianArtifact(
+            A=None,
+            Q_samples=self.resampled_H(rows)[None],
+            block_names=self.block_names,
+            block_kinds=self.block_kinds,
+            block_num_parameters=self.block_num_parameters,
+            metadata=dict(self.metadata),
+        )
+
     @property
     def H(self) -> torch.Tensor:
         """The energy matrix in float64: AᵀA/m (empirical: the paper's Eq. 6; fisher), or the mean of ``Q_samples``."""

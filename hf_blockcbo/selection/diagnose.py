@@ -158,14 +158,7 @@ def bootstrap_stability(
     tops: list[list[tuple[int, ...]]] = []
     for _ in range(draws):
         rows = rng.integers(0, m, size=m)
-        resampled = HessianArtifact(
-            A=None,
-            Q_samples=artifact.resampled_H(rows)[None],
-            block_names=artifact.block_names,
-            block_kinds=artifact.block_kinds,
-            block_num_parameters=artifact.block_num_parameters,
-            metadata=dict(artifact.metadata),
-        )
+        resampled = artifact.resampled(rows)
         tops.append([c.blocks for c in solve_artifact(resampled, config).candidates])
     stability = Stability(
         ground_kept=sum(top[0] == base[0] for top in tops) / draws,
