@@ -199,3 +199,61 @@ def test_empty_healing_data_is_refused_before_training(student, tiny_model_dir, 
     assert main([*argv, "--max-steps", "2", "--output", str(out)]) == 2
     assert "holds no text" in capsys.readouterr().err
     assert not out.exists() and not (tmp_path / "healed.checkpoints").exists()
+
+
+@pytest.mark.parametrize("flag,applied", [([], True), (["--no-keep-freed-memory"], False)])
+def test_heal_keeps_freed_memory_on_cpu_unless_told_not_to(
+    student, tiny_model_dir, tmp_path, monkeypatch, capsys, flag, applied
+):
+    import hf_blockcbo.healing.trainer as trainer
+
+    calls = []
+    monkeypatch.setattr(trainer, "keep_freed_memory", lambda: calls.append(1) or True)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")  # refused after the allocator setting, before any training
+    argv = ["heal", "--student", str(student), "--teacher", str(tiny_model_dir), "--data", str(empty), *flag]
+    assert main([*argv, "--max-steps", "2", "--output", str(tmp_path / "healed")]) == 2
+    assert "holds no text" in capsys.readouterr().err
+    assert bool(calls) is applied
+
+
+_MAPPED_DURING_A_LARGE_BLOCK = """
+import ctypes
+from hf_blockcbo.healing.allocator import keep_freed_memory
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+
+def mapped_while_holding(size):
+    block = bytearray(size)  # one malloc of `size` bytes
+    return libc.mallinfo2().hblkhd
+
+before = mapped_while_holding(256 << 20)
+applied = keep_freed_memory()
+print(applied, before, mapped_while_holding(256 << 20), keep_freed_memory())
+"""
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or __import__("platform").libc_ver()[0] != "glibc", reason="glibc's malloc only"
+)
+def test_keep_freed_memory_serves_large_blocks_from_the_heap():
+    # a fresh interpreter: the setting is process-wide and would stay with the test process
+    done = subprocess.run([sys.executable, "-c", _MAPPED_DURING_A_LARGE_BLOCK], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    applied, before, after, again = done.stdout.split()
+    assert applied == "True" and again == "True"
+    assert int(before) >= 256 << 20  # glibc's default: a block this large is its own mmap
+    assert int(after) < 256 << 20  # now it comes from the heap, which keeps it when freed
+
+
+def test_keep_freed_memory_does_nothing_off_glibc(monkeypatch):
+    from hf_blockcbo.healing import allocator
+
+    monkeypatch.setattr(allocator.platform, "libc_ver", lambda: ("", ""))
+    monkeypatch.setitem(allocator._state, "applied", False)
+    assert allocator.keep_freed_memory() is False

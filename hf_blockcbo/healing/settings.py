@@ -26,6 +26,13 @@ class HealSettings:
         metadata={"help": "Cache the teacher's top-k log-probs once and free the teacher (0: live teacher)."},
     )
     assistant_only_loss: bool = field(default=False, metadata={"help": "Chat data: distil on assistant tokens only."})
+    keep_freed_memory: bool = field(
+        default=True,
+        metadata={
+            "help": "CPU with glibc: keep freed memory in the process between steps instead of faulting it back in "
+            "each step (process-wide; see benchmarks/heal_allocator.py)."
+        },
+    )
     save_steps: int = field(default=100, metadata={"help": "Checkpoint every N steps (a rerun resumes)."})
     seed: int = field(default=0, metadata={"help": "Training seed."})
     # paper defaults that are not flags
@@ -49,6 +56,7 @@ HEAL_FLAG_FIELDS = (
     "alpha_ce",
     "teacher_top_k",
     "assistant_only_loss",
+    "keep_freed_memory",
     "save_steps",
     "seed",
 )

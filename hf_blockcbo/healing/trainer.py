@@ -25,6 +25,7 @@ from trl import SFTConfig, SFTTrainer
 from ..errors import BlockCBOError
 from ..io_utils import atomic_dir, check_output_dir
 from ..surgery.removal import PROVENANCE_FILE
+from .allocator import keep_freed_memory
 from .settings import heal_default, heal_help
 
 
@@ -52,6 +53,7 @@ class HealConfig(SFTConfig):
     temperature: float = field(default=heal_default("temperature"), metadata=heal_help("temperature"))
     alpha_ce: float = field(default=heal_default("alpha_ce"), metadata=heal_help("alpha_ce"))
     teacher_top_k: int = field(default=heal_default("teacher_top_k"), metadata=heal_help("teacher_top_k"))
+    keep_freed_memory: bool = field(default=heal_default("keep_freed_memory"), metadata=heal_help("keep_freed_memory"))
     report_to: list[str] | str | None = field(default="none", metadata={"help": "Loggers (default none)."})
 
     def __post_init__(self):
@@ -256,12 +258,14 @@ def heal(
     from ..evaluation.likelihood import perplexity
 
     check_output_dir(output_dir, overwrite)
-    student_dir = Path(student_dir)
-    provenance_path = student_dir / PROVENANCE_FILE
-    provenance = json.loads(provenance_path.read_text()) if provenance_path.is_file() else {}
     work = Path(str(output_dir) + ".checkpoints")
     args = args or HealConfig(output_dir=str(work))
     args.output_dir = str(work)
+    if args.keep_freed_memory and (args.use_cpu or not torch.cuda.is_available()):
+        keep_freed_memory()
+    student_dir = Path(student_dir)
+    provenance_path = student_dir / PROVENANCE_FILE
+    provenance = json.loads(provenance_path.read_text()) if provenance_path.is_file() else {}
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
