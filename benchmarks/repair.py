@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--ridge", type=float, default=None, help="default: the config's repair_ridge")
     parser.add_argument("--heal-steps", type=int, default=300, help="0: no distillation rows")
     parser.add_argument("--heal-short", type=int, default=100)
+    parser.add_argument("--heal-lr", type=float, default=1e-4, help="learning rate of both distillation arms")
     parser.add_argument(
         "--cbo-blocks",
         help="the CBO choice of an earlier run of this script (e.g. 7,8,9,12): skip the calibration and both CBO "
@@ -154,7 +155,7 @@ def distill(args, model, tokenizer, source, config, selection, tests, unpruned) 
             heal_args = HealConfig(
                 output_dir=str(work / "ckpt"),
                 max_steps=steps,
-                learning_rate=1e-4,
+                learning_rate=args.heal_lr,
                 per_device_train_batch_size=2,
                 max_length=args.seq_len,
                 save_steps=10**6,
@@ -185,7 +186,8 @@ def write(args, rows, heal_rows, unpruned, tests) -> None:
         "",
         "Command: `python benchmarks/repair.py "
         + f"--model {args.model} --remove {args.remove} --top-k {args.top_k} "
-        + f"--validation-samples {args.validation_samples} --heal-steps {args.heal_steps} --methods '{args.methods}'"
+        + f"--validation-samples {args.validation_samples} --heal-steps {args.heal_steps} --heal-lr {args.heal_lr:g} "
+        + f"--methods '{args.methods}'"
         + (f" --cbo-blocks {args.cbo_blocks}" if args.cbo_blocks else "")
         + " --eval-dir eval_data`",
         "",
