@@ -18,8 +18,8 @@ import platform
 
 # mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-_LARGEST = 2**31 - 1  # mallopt takes an int
-_SETTINGS = ((_M_MMAP_THRESHOLD, _LARGEST), (_M_TRIM_THRESHOLD, _LARGEST), (_M_TOP_PAD, 2**30))
+_NEVER = -1  # mallopt takes an int; −1 becomes SIZE_MAX: never mmap a block, never trim the heap (mallopt(3))
+_SETTINGS = ((_M_MMAP_THRESHOLD, _NEVER), (_M_TRIM_THRESHOLD, _NEVER), (_M_TOP_PAD, 2**30))
 _state = {"applied": False}
 
 
@@ -33,8 +33,9 @@ def _mallopt():
 
 
 def keep_freed_memory() -> bool:
-    """Tell glibc's malloc to serve blocks up to 2 GB from the heap and keep freed memory; True if it is in effect
-    (False, doing nothing, on another C library or system). Idempotent."""
+    """Tell glibc's malloc to serve every block from the heap (mmap only when the heap cannot grow), never to trim it,
+    and to grow it 1 GB at a time. True if that is in effect; False, doing nothing, on another C library or system.
+    Idempotent."""
     if _state["applied"]:
         return True
     mallopt = _mallopt()
