@@ -41,5 +41,6 @@ def keep_freed_memory() -> bool:
     mallopt = _mallopt()
     if mallopt is None:
         return False
-    _state["applied"] = all(mallopt(ctypes.c_int(option), ctypes.c_int(value)) == 1 for option, value in _SETTINGS)
+    accepted = [mallopt(ctypes.c_int(option), ctypes.c_int(value)) == 1 for option, value in _SETTINGS]  # all three
+    _state["applied"] = all(accepted)
     return _state["applied"]
