@@ -35,9 +35,10 @@ ENV_SETTINGS = {  # the same request made through glibc's environment variables,
     "MALLOC_TRIM_THRESHOLD_": "17179869184",
     "MALLOC_TOP_PAD_": "1073741824",
 }
+BASELINE = "system default (--no-keep-freed-memory)"  # the arm the ratios divide
 ARMS = {  # name → (heal flags, environment added)
     "keep freed memory (default)": ([], {}),
-    "system default (--no-keep-freed-memory)": (["--no-keep-freed-memory"], {}),
+    BASELINE: (["--no-keep-freed-memory"], {}),
     "MALLOC_* environment variables (--no-keep-freed-memory)": (["--no-keep-freed-memory"], ENV_SETTINGS),
 }
 
@@ -117,12 +118,14 @@ def main() -> None:
     print(
         f"\n{args.model}, blocks [{args.blocks}] removed, batch {args.batch} × {args.seq_len} tokens, {args.repeats} rounds"
     )
-    for key, what in (("s_per_step", f"s/step over {args.steps} steps"), ("steady_s_per_step", "steady s/step")):
-        if key == "steady_s_per_step" and not args.warm_steps:
-            continue
+    measures = {"s_per_step": f"s/step over {args.steps} steps"}
+    if args.warm_steps:
+        measures["steady_s_per_step"] = "steady s/step"
+    for key, what in measures.items():
         median = {arm: statistics.median(r[key] for r in runs[arm]) for arm in arms}
-        system = median["system default (--no-keep-freed-memory)"]
-        print(f"median {what}: " + "; ".join(f"{arm} {v:.2f} ({system / v:.2f}×)" for arm, v in median.items()))
+        print(
+            f"median {what}: " + "; ".join(f"{arm} {v:.2f} ({median[BASELINE] / v:.2f}×)" for arm, v in median.items())
+        )
 
 
 if __name__ == "__main__":

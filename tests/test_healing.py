@@ -1,6 +1,7 @@
 """Healing by distillation (TRL SFTTrainer with a KD loss) on a tiny model: KL goes down; kill and resume works."""
 
 import json
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -238,9 +239,7 @@ print(applied, before, mapped_while_holding(256 << 20), keep_freed_memory())
 """
 
 
-@pytest.mark.skipif(
-    sys.platform != "linux" or __import__("platform").libc_ver()[0] != "glibc", reason="glibc's malloc only"
-)
+@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
 def test_keep_freed_memory_serves_large_blocks_from_the_heap():
     # a fresh interpreter: the setting is process-wide and would stay with the test process
     done = subprocess.run([sys.executable, "-c", _MAPPED_DURING_A_LARGE_BLOCK], capture_output=True, text=True)
