@@ -47,6 +47,14 @@ def main() -> None:
     parser.add_argument("--measured-samples", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--ridge", type=float, default=None, help="default: the config's repair_ridge")
+    parser.add_argument(
+        "--weighting", default=None, help="the repair's token weighting (default: the config's repair_weighting)"
+    )
+    parser.add_argument(
+        "--also-weighting",
+        default=None,
+        help="fit every method's repair a second time with this weighting (e.g. uniform) and add its columns",
+    )
     parser.add_argument("--heal-steps", type=int, default=300, help="0: no distillation rows")
     parser.add_argument("--heal-short", type=int, default=100)
     parser.add_argument("--heal-lr", type=float, default=1e-4, help="learning rate of both distillation arms")
@@ -74,6 +82,8 @@ def main() -> None:
     )
     if args.ridge is not None:
         config.repair_ridge = args.ridge
+    if args.weighting is not None:
+        config.repair_weighting = args.weighting
     eval_dir = Path(args.eval_dir)
     tests = {
         "Persuasion": build_calibration_set(
@@ -93,14 +103,30 @@ def main() -> None:
         for label, test in tests.items():
             row[label] = perplexity(model, test, blocks)
         began = time.perf_counter()
-        repair = fit_repair(model, blocks, data, config.repair_ridge, config.batch_size)
+        repair = fit_repair(
+            model, blocks, data, config.repair_ridge, config.batch_size, weighting=config.repair_weighting
+        )
         row["repair_s"] = time.perf_counter() - began
         with repair.applied(model):
             for label, test in tests.items():
                 row[f"{label} repaired"] = perplexity(model, test, blocks)
+        if args.also_weighting:
+            began = time.perf_counter()
+            other = fit_repair(
+                model, blocks, data, config.repair_ridge, config.batch_size, weighting=args.also_weighting
+            )
+            row[f"repair_s {args.also_weighting}"] = time.perf_counter() - began
+            with other.applied(model):
+                for label, test in tests.items():
+                    row[f"{label} repaired {args.also_weighting}"] = perplexity(model, test, blocks)
         for label in tests:
             rise = row[label] - unpruned[label]
             row[f"{label} removed"] = (row[label] - row[f"{label} repaired"]) / rise if rise > 0 else float("nan")
+            if args.also_weighting:
+                repaired = row[f"{label} repaired {args.also_weighting}"]
+                row[f"{label} removed {args.also_weighting}"] = (
+                    (row[label] - repaired) / rise if rise > 0 else float("nan")
+                )
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -189,14 +215,31 @@ def write(args, rows, heal_rows, unpruned, tests) -> None:
         + f"--validation-samples {args.validation_samples} --heal-steps {args.heal_steps} --heal-lr {args.heal_lr:g} "
         + f"--methods '{args.methods}'"
         + (f" --cbo-blocks {args.cbo_blocks}" if args.cbo_blocks else "")
+        + (f" --weighting {args.weighting}" if args.weighting else "")
+        + (f" --also-weighting {args.also_weighting}" if args.also_weighting else "")
         + " --eval-dir eval_data`",
         "",
         "Unpruned test perplexity: " + ", ".join(f"{k} {v:.2f}" for k, v in unpruned.items()) + ".",
         "",
+    ]
+    also = args.also_weighting
+    weighting = args.weighting or BlockRemovalConfig().repair_weighting
+    if also:
+        lines += [
+            f"Repaired: {weighting} token weights; the `{also}` columns refit the same blocks with {also} ones.",
+            "",
+        ]
+    lines += [
         "| method | blocks | "
-        + " | ".join(f"{k} pruned | {k} repaired | {k} rise removed" for k in labels)
+        + " | ".join(
+            f"{k} pruned | {k} repaired | {k} rise removed"
+            + (f" | {k} repaired, {also} | removed, {also}" if also else "")
+            for k in labels
+        )
         + " | repair s |",
-        "| --- | --- | " + " | ".join("--- | --- | ---" for _ in labels) + " | --- |",
+        "| --- | --- | "
+        + " | ".join("--- | --- | ---" + (" | --- | ---" if also else "") for _ in labels)
+        + " | --- |",
     ]
     best = {k: min(r[f"{k} repaired"] for r in rows) for k in labels}
     for r in rows:
@@ -206,6 +249,7 @@ def write(args, rows, heal_rows, unpruned, tests) -> None:
             cells.append(
                 f"{r[k]:.2f} | {'**' + rep + '**' if r[f'{k} repaired'] == best[k] else rep} | "
                 f"{100 * r[f'{k} removed']:.0f} %"
+                + (f" | {r[f'{k} repaired {also}']:.2f} | {100 * r[f'{k} removed {also}']:.0f} %" if also else "")
             )
         lines.append(f"| {r['method']} | {r['blocks']} | " + " | ".join(cells) + f" | {r['repair_s']:.1f} |")
     if heal_rows:

@@ -138,6 +138,14 @@ class BlockRemovalConfig:
     repair_ridge: float = field(
         default=0.3, metadata={"help": "repair: ridge towards no repair, relative to the mean activation power."}
     )
+    repair_weighting: str = field(
+        default="uniform",
+        metadata={
+            "help": "repair: `uniform` least squares, or `relative`: each token's fit error divided by its "
+            "stream's scale (the attention sink no longer dominates the fit; helped a gap after a massive-activation "
+            "block on SmolLM2, hurt Gemma-3-270M: docs/results.md §3)."
+        },
+    )
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -201,6 +209,12 @@ class BlockRemovalConfig:
             raise BlockCBOError(f"repair_samples must be a positive integer, got {self.repair_samples!r}")
         if not isinstance(self.repair_ridge, (int, float)) or not self.repair_ridge >= 0:
             raise BlockCBOError(f"repair_ridge must be a number >= 0, got {self.repair_ridge!r}")
+        from .repair import REPAIR_WEIGHTINGS
+
+        if self.repair_weighting not in REPAIR_WEIGHTINGS:
+            raise BlockCBOError(
+                f"repair_weighting must be one of {', '.join(REPAIR_WEIGHTINGS)}, got {self.repair_weighting!r}"
+            )
         if self.blocks is not None and self.rank is not None:
             raise BlockCBOError("`blocks` names the blocks and `rank` picks a state of the spectrum: give one of them")
         if self.blocks is not None and self.num_remove is not None and len(set(self.blocks)) != self.num_remove:

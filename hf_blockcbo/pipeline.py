@@ -332,7 +332,14 @@ def repaired_candidate(model: nn.Module, tokenizer, config: BlockRemovalConfig):
     candidate's repair."""
     from .repair.least_squares import repair_aware
 
-    return repair_aware(model, repair_samples(tokenizer, config), config.repair_ridge, config.batch_size, config.gate)
+    return repair_aware(
+        model,
+        repair_samples(tokenizer, config),
+        config.repair_ridge,
+        config.batch_size,
+        config.gate,
+        config.repair_weighting,
+    )
 
 
 def repair_model(model: nn.Module, tokenizer, config: BlockRemovalConfig, blocks, progress: bool = False) -> dict:
@@ -341,7 +348,14 @@ def repair_model(model: nn.Module, tokenizer, config: BlockRemovalConfig, blocks
     from .repair.least_squares import fit_repair
 
     repair = fit_repair(
-        model, blocks, repair_samples(tokenizer, config), config.repair_ridge, config.batch_size, config.gate, progress
+        model,
+        blocks,
+        repair_samples(tokenizer, config),
+        config.repair_ridge,
+        config.batch_size,
+        config.gate,
+        progress,
+        weighting=config.repair_weighting,
     )
     repair.fold_into(model)
     return repair.to_dict()

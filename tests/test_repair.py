@@ -94,10 +94,11 @@ def _linear_first_block_model():
     return model.eval()
 
 
-def test_a_block_whose_branch_is_linear_is_repaired_exactly():
+@pytest.mark.parametrize("weighting", ["relative", "uniform"])
+def test_a_block_whose_branch_is_linear_is_repaired_exactly(weighting):
     model = _linear_first_block_model()
     calibration = _random_calibration(num=16, length=32)
-    repair = fit_repair(model, [0], calibration, ridge=0.0)
+    repair = fit_repair(model, [0], calibration, ridge=0.0, weighting=weighting)
     (only,) = repair.maps
     assert only.source == -1 and only.error_before > 0.1 and only.error_after < 1e-10
     expected = torch.eye(32, dtype=torch.float64) + model.model.layers[0].mlp.weight.double().t()
@@ -108,6 +109,58 @@ def test_a_block_whose_branch_is_linear_is_repaired_exactly():
         with BlockGates(model) as gates, repair.applied(model):
             gates.set_removed([0])
             torch.testing.assert_close(model(input_ids=ids).logits, reference, rtol=1e-5, atol=1e-5)
+
+
+def _streams_around_block_2(model, calibration):
+    """u (block 1's MLP output), h (the stream after block 2, block 2 gated off) and g (the unpruned stream after
+    block 2), every token, float64: what the fit of removing block 2 regresses."""
+    layers, captured = get_layers(model), {}
+    handles = [
+        layers[1].mlp.register_forward_hook(lambda m, a, o: captured.__setitem__("u", o.detach())),
+        layers[2].register_forward_hook(
+            lambda m, a, o: captured.__setitem__("out", o[0] if isinstance(o, tuple) else o)
+        ),
+    ]
+    rows = {"u": [], "h": [], "g": []}
+    with torch.no_grad():
+        for _, ids, mask in calibration.batches(4):
+            model(input_ids=ids, attention_mask=mask)
+            rows["g"].append(captured["out"].reshape(-1, 32).double())
+            with BlockGates(model) as gates:
+                gates.set_removed([2])
+                model(input_ids=ids, attention_mask=mask)
+            rows["u"].append(captured["u"].reshape(-1, 32).double())
+            rows["h"].append(captured["out"].reshape(-1, 32).double())
+    for handle in handles:
+        handle.remove()
+    return (torch.cat(rows[k]) for k in ("u", "h", "g"))
+
+
+@pytest.mark.parametrize("weighting", ["relative", "uniform"])
+def test_the_fit_is_the_weighted_ridge_solution(weighting):
+    """T = (UᵀWU + λI)⁻¹(UᵀW(G − B) + λI) with W = d/‖g‖² per token (relative) or I (uniform), computed here from
+    streams captured independently of the fit; the two weightings give different maps."""
+    model = make_model(tiny_llama_config())
+    with torch.no_grad():  # one token's stream 50x larger than the rest, like an attention sink
+        model.get_input_embeddings().weight[7] *= 50.0
+    ids = _random_calibration(num=8, length=24).input_ids
+    ids[:, 0] = 7
+    calibration = CalibrationSet(ids, torch.ones_like(ids), "random with a sink token")
+    ridge = 0.05
+    fitted = fit_repair(model, [2], calibration, ridge=ridge, weighting=weighting)
+    u, h, g = _streams_around_block_2(model, calibration)
+    w = 32.0 / g.pow(2).sum(-1, keepdim=True) if weighting == "relative" else torch.ones(len(g), 1, dtype=g.dtype)
+    uwu, uwr = (u * w).t() @ u, (u * w).t() @ (g - h + u)
+    lam = ridge * float(torch.diagonal(uwu).mean())
+    eye = torch.eye(32, dtype=torch.float64)
+    expected = torch.linalg.solve(uwu + lam * eye, uwr + lam * eye)
+    torch.testing.assert_close(fitted.maps[0].matrix, expected, rtol=1e-5, atol=1e-6)
+    relative_error = ((g - h).pow(2).sum(-1) / g.pow(2).sum(-1)).mean()
+    if weighting == "relative":  # the reported error is the mean per-token relative error
+        assert fitted.maps[0].error_before == pytest.approx(float(relative_error), rel=1e-5)
+        other = fit_repair(model, [2], calibration, ridge=ridge, weighting="uniform")
+        assert not torch.allclose(other.maps[0].matrix, fitted.maps[0].matrix, atol=1e-3)
+    assert fitted.to_dict()["weighting"] == weighting
 
 
 def test_fit_is_deterministic_and_leaves_the_model_unchanged():
@@ -136,6 +189,7 @@ def test_the_ridge_shrinks_towards_no_repair():
         ("generic family", "cannot be folded"),
         ("tied embeddings", "tied to the LM head"),
         ("negative ridge", "repair_ridge must be >= 0"),
+        ("unknown weighting", "repair_weighting must be one of uniform, relative"),
     ],
 )
 def test_bad_input_is_one_clear_error_and_changes_nothing(case, message):
@@ -151,11 +205,12 @@ def test_bad_input_is_one_clear_error_and_changes_nothing(case, message):
     elif case == "tied embeddings":
         model = make_model(tiny_gemma3_config())
         removed = [0, 1]
-    else:
+    elif case == "negative ridge":
         ridge = -1.0
+    weighting = "per-token" if case == "unknown weighting" else "relative"
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(BlockCBOError, match=message):
-        fit_repair(model, removed, calibration, ridge=ridge)
+        fit_repair(model, removed, calibration, ridge=ridge, weighting=weighting)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) or before[k].isnan().any() for k in before)
 
@@ -172,6 +227,7 @@ def test_prune_repair_records_the_repair_and_saves_the_hooked_model(tiny_model_d
     assert "Repaired 1 removed run(s)" in capsys.readouterr().out
     record = json.loads((out / "block_removal.json").read_text())
     assert record["repair"]["kind"] == "linear" and record["repair"]["tokens"] == 96
+    assert record["repair"]["weighting"] == "uniform" and record["config"]["repair_weighting"] == "uniform"
     (run,) = record["repair"]["runs"]
     assert run["removed"] == [2, 3] and run["mapped_into"] == "block 1"
     assert run["fit_error_after"] < run["fit_error_before"]
@@ -272,7 +328,21 @@ def test_config_validates_repair_fields():
         BlockRemovalConfig(repair="yes")
     with pytest.raises(BlockCBOError, match="repair_samples must be a positive integer"):
         BlockRemovalConfig(repair_samples=0)
+    with pytest.raises(BlockCBOError, match="repair_weighting must be one of uniform, relative, got 'l2'"):
+        BlockRemovalConfig(repair_weighting="l2")
     assert BlockRemovalConfig.from_dict(BlockRemovalConfig(repair=True).to_dict()).repair is True
+
+
+def test_the_weighting_is_a_flag_of_every_repairing_verb(capsys):
+    from hf_blockcbo.commands.cli import build_parser
+
+    parser = build_parser()
+    for verb, required in (("prune", ["--output", "o"]), ("compare", ["--remove", "2", "--output-dir", "o"])):
+        args = parser.parse_args([verb, "--model", "m", *required, "--repair-weighting", "relative"])
+        assert args.repair_weighting == "relative"
+        with pytest.raises(SystemExit):
+            parser.parse_args([verb, "--model", "m", *required, "--repair-weighting", "l2"])
+        assert "invalid choice: 'l2'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])

@@ -74,7 +74,7 @@ GROUPS = {
         "measured_round_trigger",
     ),
     "choice": ("scorer", "rank", "blocks"),
-    "repair": ("repair", "repair_aware", "repair_samples", "repair_ridge"),
+    "repair": ("repair", "repair_aware", "repair_samples", "repair_ridge", "repair_weighting"),
 }
 _CHOICES = {
     "dtype": ("auto", "float32", "bfloat16", "float16"),
@@ -157,6 +157,10 @@ def add_config_flags(
         from ..hessian.curvature import available_curvatures
 
         choices["curvature"] = tuple(available_curvatures())
+    if "repair_weighting" in GROUPS[group]:
+        from ..repair import REPAIR_WEIGHTINGS
+
+        choices["repair_weighting"] = REPAIR_WEIGHTINGS
     names = [n for n in GROUPS[group] if n not in exclude]
     add_dataclass_flags(parser.add_argument_group(group), BlockRemovalConfig, names, FLAG_NAMES, required, choices)
 

@@ -118,6 +118,7 @@ class CompareCommand(BaseCommand):
             mc_tasks=mc_tasks,
             repair_data=repair_data,
             repair_ridge=config.repair_ridge,
+            repair_weighting=config.repair_weighting,
             harness_tasks=harness_tasks,
             harness_limit=args.mc_limit,
             speed=args.speed,

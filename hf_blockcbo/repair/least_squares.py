@@ -8,7 +8,12 @@ the stream after the gap in the pruned model and ``g`` the unpruned model's stre
     T = argmin Σ_tokens ‖g − b − u·T‖² + λ‖T − I‖²  =  (UᵀU + λI)⁻¹ (Uᵀ(G − B) + λI)     (ridge least squares)
 
 accumulated in float64 over calibration tokens in one pass per run (λ = ``ridge`` × the mean of diag(UᵀU)). The
-ridge shrinks T towards the identity, i.e. towards the unrepaired model, not towards zero. Runs are
+ridge shrinks T towards the identity, i.e. towards the unrepaired model, not towards zero. ``weighting =
+"uniform"`` (the default) is that plain sum. ``"relative"`` divides each token's squared error by its target's mean
+square, ‖g‖²/d, so the fit minimises the mean *relative* error per token (the next block reads the stream through an
+RMS norm; the attention sink at position 0 holds 99 % of Σ‖g‖² on SmolLM2). Measured, it helps where a gap's source
+block writes massive activations (SmolLM2, a gap at block 3) and hurts where the model relies on the sink's exact
+stream (Gemma-3-270M): docs/results.md §3. Runs are
 fitted in order, each on the model with the earlier runs removed and repaired. Because ``u`` is the output of a linear
 layer, ``u·T`` folds into that layer (``W ← TᵀW``, ``b ← b·T``): the checkpoint keeps its architecture and loads in
 plain transformers. Families whose branch ends in an RMS norm (Gemma 2/3: ``u = x̂(y)·γ``) fit ``u ↦ x̂(y)·R·diag(s)``
@@ -41,6 +46,7 @@ from ..errors import BlockCBOError
 from ..hessian.gradients import frozen_eval
 from ..surgery.architectures import ArchitectureSpec, get_architecture, get_layers
 from ..surgery.gates import BlockGates
+from . import REPAIR_WEIGHTINGS
 
 
 REPAIR_KINDS = ("linear", "diagonal", "rotation")
@@ -102,7 +108,8 @@ def contribution_module(model: nn.Module, source: int, spec: ArchitectureSpec | 
 class RepairMap:
     """The map of one removed run: ``u ↦ u·T`` on the contribution of block ``source`` (−1: embeddings).
 
-    ``error_before`` / ``error_after``: ‖g − h‖² / ‖g‖² over the calibration tokens, unrepaired and repaired.
+    ``error_before`` / ``error_after``: Σ w‖g − h‖² / Σ w‖g‖² over the calibration tokens, unrepaired and repaired
+    (``relative`` weighting: the mean over tokens of ‖g − h‖² / ‖g‖²).
     """
 
     start: int
@@ -134,11 +141,13 @@ class Repair:
     tokens: int
     maps: list[RepairMap] = field(default_factory=list)
     seconds: float = 0.0
+    weighting: str = "uniform"
 
     def to_dict(self) -> dict:
         return {
             "kind": self.kind,
             "ridge": self.ridge,
+            "weighting": self.weighting,
             "tokens": self.tokens,
             "seconds": round(self.seconds, 3),
             "runs": [m.to_dict() for m in self.maps],
@@ -357,6 +366,13 @@ def _capture_contribution(model, layers, module, index: int, ids, mask):
     return captured["u"], captured["h"], captured["y"]
 
 
+def _token_weights(g: torch.Tensor, weighting: str) -> torch.Tensor:
+    """[tokens, 1] weights of each token's squared error: 1 (uniform) or d / ‖g‖² (relative)."""
+    if weighting == "uniform":
+        return torch.ones(g.shape[0], 1, dtype=g.dtype)
+    return 1.0 / g.pow(2).mean(-1, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)
+
+
 def _solve(normal: _Normal, kind: str, ridge: float) -> tuple[torch.Tensor, float, float]:
     """The ridge solution shrunk towards the identity (λ large: no repair) and the fit errors before and after."""
     uu, ur = normal.uu, normal.ur
@@ -407,6 +423,7 @@ def fit_repair(
     batch_size: int = 8,
     gate: str = "auto",
     progress: bool = False,
+    weighting: str = "uniform",
 ) -> Repair:
     """Fit one map per removed run (see the module docstring); the model is left exactly as it was.
 
@@ -416,12 +433,16 @@ def fit_repair(
         calibration (`CalibrationSet`): the tokens the maps are fitted on; at least the hidden size of them.
         ridge (`float`, *optional*, defaults to 0.3): λ relative to the mean of diag(UᵀU); it shrinks T towards the
             identity (no repair). 0.3 repaired held-out text of another domain best on SmolLM2 (docs/results.md).
+        weighting (`str`, *optional*, defaults to ``"uniform"``): ``"uniform"`` weighs every token's error alike,
+            ``"relative"`` by d / ‖g‖² (its target's scale); see the module docstring and docs/results.md §3.
     """
     began = time.perf_counter()
     spec = get_architecture(model)
     kind = check_repairable(model, removed, spec)
     if not ridge >= 0:
         raise BlockCBOError(f"repair_ridge must be >= 0, got {ridge!r}")
+    if weighting not in REPAIR_WEIGHTINGS:
+        raise BlockCBOError(f"repair_weighting must be one of {', '.join(REPAIR_WEIGHTINGS)}, got {weighting!r}")
     hidden = model.get_input_embeddings().weight.shape[-1]
     valid_tokens = int(calibration.attention_mask.sum()) if len(calibration) else 0
     if valid_tokens < hidden:
@@ -431,7 +452,9 @@ def fit_repair(
         )
     layers = get_layers(model, spec)
     device = next(model.parameters()).device
-    repair = Repair(removed=sorted(set(int(b) for b in removed)), kind=kind, ridge=ridge, tokens=valid_tokens)
+    repair = Repair(
+        removed=sorted(set(int(b) for b in removed)), kind=kind, ridge=ridge, tokens=valid_tokens, weighting=weighting
+    )
     runs = removed_runs(removed)
     bar = tqdm(total=(len(runs) + 1) * len(calibration), desc="fitting repair maps", disable=not progress, leave=False)
     with frozen_eval(model), torch.no_grad():
@@ -466,10 +489,12 @@ def fit_repair(
                             f"the activations around removed blocks {start}..{stop - 1} are not finite (NaN or "
                             "inf); load the model in float32 (`dtype`) or check the weights"
                         )
-                    normal.uu += u.t() @ u
-                    normal.ur += u.t() @ r
-                    normal.rr += float((r * r).sum())
-                    normal.gg += float((g * g).sum())
+                    w = _token_weights(g, weighting)
+                    wu = u if weighting == "uniform" else u * w  # uniform: the earlier sums, bit for bit
+                    normal.uu += wu.t() @ u
+                    normal.ur += wu.t() @ r
+                    normal.rr += float((w * r * r).sum())
+                    normal.gg += float((w * g * g).sum())
                     bar.update(ids.shape[0])
             targets[j] = []
             scale = None
@@ -487,12 +512,20 @@ def fit_repair(
     return repair
 
 
-def repair_aware(model: nn.Module, data: CalibrationSet, ridge: float, batch_size: int = 8, gate: str = "auto"):
+def repair_aware(
+    model: nn.Module,
+    data: CalibrationSet,
+    ridge: float,
+    batch_size: int = 8,
+    gate: str = "auto",
+    weighting: str = "uniform",
+):
     """For repair-aware selection: ``candidate -> factory of contexts`` in which the gated model carries that
     candidate's repair (fitted on ``data`` when called, so a candidate that cannot be repaired is refused before
     scoring; the factory can be entered once per batch)."""
 
     def prepare(candidate):
-        return functools.partial(fit_repair(model, candidate.blocks, data, ridge, batch_size, gate).applied, model)
+        fitted = fit_repair(model, candidate.blocks, data, ridge, batch_size, gate, weighting=weighting)
+        return functools.partial(fitted.applied, model)
 
     return prepare

@@ -132,6 +132,7 @@ def run_comparison(
     mc_tasks: dict[str, list[dict]] | None = None,
     repair_data: CalibrationSet | None = None,
     repair_ridge: float = 0.3,
+    repair_weighting: str = "uniform",
     harness_tasks: list[str] | None = None,
     harness_limit: int | None = None,
     speed: bool = False,
@@ -153,7 +154,9 @@ def run_comparison(
     def repaired(target, blocks) -> tuple[float, float, float]:
         began = time.perf_counter()
         try:
-            fitted = fit_repair(target, blocks, repair_data, repair_ridge, ctx.batch_size, gate)
+            fitted = fit_repair(
+                target, blocks, repair_data, repair_ridge, ctx.batch_size, gate, weighting=repair_weighting
+            )
         except BlockCBOError as err:
             logger.warning("no repair for blocks %s: %s", list(blocks), err)
             return math.nan, math.nan, time.perf_counter() - began
@@ -217,7 +220,7 @@ def run_comparison(
                         validation,
                         ctx.batch_size,
                         progress=False,
-                        prepare=repair_aware(model, repair_data, repair_ridge, ctx.batch_size, gate),
+                        prepare=repair_aware(model, repair_data, repair_ridge, ctx.batch_size, gate, repair_weighting),
                         metric=metric,
                     )
                     row = ComparisonRow(
