@@ -205,7 +205,7 @@ def distill(args, model, tokenizer, source, config, selection, tests, unpruned) 
 def write(args, rows, heal_rows, unpruned, tests) -> None:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"repair_{args.model}_m{args.remove}"
+    name = f"repair_{args.model}_m{args.remove}" + (f"_{args.also_weighting}" if args.also_weighting else "")
     labels = list(tests)
     lines = [
         f"# Training-free repair: {args.model}, M = {args.remove}",
