@@ -51,6 +51,12 @@ def main() -> None:
         "--weighting", default=None, help="the repair's token weighting (default: the config's repair_weighting)"
     )
     parser.add_argument(
+        "--repair-data",
+        default=None,
+        help="the config's repair_data: fit the repairs on these sources instead of the calibration data "
+        "(comma-separated, sharing the windows evenly), e.g. embedded,eval_data/shakespeare_twelfth_night.txt",
+    )
+    parser.add_argument(
         "--also-weighting",
         default=None,
         help="fit every method's repair a second time with this weighting (e.g. uniform) and add its columns",
@@ -84,6 +90,8 @@ def main() -> None:
         config.repair_ridge = args.ridge
     if args.weighting is not None:
         config.repair_weighting = args.weighting
+    if args.repair_data is not None:
+        config.repair_data = args.repair_data
     eval_dir = Path(args.eval_dir)
     tests = {
         "Persuasion": build_calibration_set(
@@ -206,6 +214,8 @@ def write(args, rows, heal_rows, unpruned, tests) -> None:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     name = f"repair_{args.model}_m{args.remove}" + (f"_{args.also_weighting}" if args.also_weighting else "")
+    if args.repair_data:
+        name += "_fit_" + "+".join(Path(s).stem for s in args.repair_data.split(",") if s)
     labels = list(tests)
     lines = [
         f"# Training-free repair: {args.model}, M = {args.remove}",
@@ -217,6 +227,7 @@ def write(args, rows, heal_rows, unpruned, tests) -> None:
         + (f" --cbo-blocks {args.cbo_blocks}" if args.cbo_blocks else "")
         + (f" --weighting {args.weighting}" if args.weighting else "")
         + (f" --also-weighting {args.also_weighting}" if args.also_weighting else "")
+        + (f" --repair-data {args.repair_data}" if args.repair_data else "")
         + " --eval-dir eval_data`",
         "",
         "Unpruned test perplexity: " + ", ".join(f"{k} {v:.2f}" for k, v in unpruned.items()) + ".",

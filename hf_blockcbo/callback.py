@@ -58,6 +58,11 @@ class BlockRemovalCallback(TrainerCallback):
         if at == "steps" and not every_steps:
             raise BlockCBOError("at='steps' needs every_steps")
         self.config = config or BlockRemovalConfig()
+        if self.config.repair_data:
+            raise BlockCBOError(
+                "the callback fits its repair on the trainer's batches, the ones it calibrates on; `repair_data` is "
+                "read by prune, compare and the Python API: leave it unset here"
+            )
         self.at = at
         self.every_steps = every_steps
         self.remove_at_step = remove_at_step

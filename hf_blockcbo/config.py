@@ -135,6 +135,14 @@ class BlockRemovalConfig:
         },
     )
     repair_samples: int = field(default=64, metadata={"help": "repair: calibration samples the maps are fitted on."})
+    repair_data: str | None = field(
+        default=None,
+        metadata={
+            "help": "repair: fit the maps on this data instead of `data`; several sources separated by commas share "
+            "the windows evenly. Fit on the domains you will serve: a map fitted on one novel repairs less of "
+            "another domain (docs/results.md §3)."
+        },
+    )
     repair_ridge: float = field(
         default=0.3, metadata={"help": "repair: ridge towards no repair, relative to the mean activation power."}
     )
@@ -209,6 +217,10 @@ class BlockRemovalConfig:
             raise BlockCBOError(f"repair_samples must be a positive integer, got {self.repair_samples!r}")
         if not isinstance(self.repair_ridge, (int, float)) or not self.repair_ridge >= 0:
             raise BlockCBOError(f"repair_ridge must be a number >= 0, got {self.repair_ridge!r}")
+        if self.repair_data is not None and (
+            not isinstance(self.repair_data, str) or not any(s.strip() for s in self.repair_data.split(","))
+        ):
+            raise BlockCBOError(f"repair_data must name at least one source, got {self.repair_data!r}")
         from .repair import REPAIR_WEIGHTINGS
 
         if self.repair_weighting not in REPAIR_WEIGHTINGS:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .errors import BlockCBOError
 
@@ -114,13 +115,29 @@ def _records_from_dataset(source: str, split: str) -> list[dict]:
         raise BlockCBOError(
             f"{source!r} is not a file; to read a `datasets` dataset install it (pip install datasets)"
         ) from err
-    if Path(source).is_dir():
-        loaded = datasets.load_from_disk(source)
-        if isinstance(loaded, datasets.DatasetDict):
-            loaded = loaded[split]
-    else:
-        loaded = datasets.load_dataset(source, split=split)
+    try:
+        if Path(source).is_dir():
+            loaded = datasets.load_from_disk(source)
+            if isinstance(loaded, datasets.DatasetDict):
+                loaded = loaded[split]
+        else:
+            loaded = datasets.load_dataset(source, split=split)
+    except Exception as err:  # the Hub, the network, a missing split: one line, not the loader's traceback
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BlockCBOError(
+            f"could not load the data {source!r} as a `datasets` dataset ({first}); give a .txt or .jsonl file, a "
+            "saved dataset folder or a Hub dataset id"
+        ) from err
     return list(loaded)
+
+
+def check_data_file(source: str | None) -> None:
+    """One clear line, before any model is loaded, when ``source`` names a data file (by its suffix) that is not
+    there; Hub ids and dataset folders are checked when they are read."""
+    if source and not source.startswith(EMBEDDED):
+        path = Path(source)
+        if path.suffix in (".txt", ".jsonl", ".json", ".md") and not path.is_file():
+            raise BlockCBOError(f"the data file {source!r} does not exist; check the path")
 
 
 def load_records(source: str | None, split: str = "train") -> tuple[list[dict], str]:
@@ -129,6 +146,7 @@ def load_records(source: str | None, split: str = "train") -> tuple[list[dict], 
         return [{"text": "\n\n".join(embedded_documents("calibration"))}], EMBEDDED
     if source.startswith(EMBEDDED + ":"):
         return [{"text": "\n\n".join(embedded_documents(source.split(":", 1)[1]))}], source
+    check_data_file(source)
     path = Path(source)
     if path.is_file():
         if path.suffix in (".jsonl", ".json"):
@@ -295,7 +313,32 @@ def calibration_samples(tokenizer, config) -> CalibrationSet:
     return _config_samples(tokenizer, config, config.num_samples)
 
 
+def repair_sources(repair_data: str | None) -> list[str]:
+    """The sources of `repair_data`: several separated by commas, or none (the calibration data is used)."""
+    return [s.strip() for s in (repair_data or "").split(",") if s.strip()]
+
+
 def repair_samples(tokenizer, config) -> CalibrationSet:
-    """The samples the repair maps of a `BlockRemovalConfig` are fitted on: its calibration data, `repair_samples`
-    windows of `seq_len` tokens, drawn with its seed."""
-    return _config_samples(tokenizer, config, config.repair_samples)
+    """The samples the repair maps of a `BlockRemovalConfig` are fitted on: `repair_samples` windows of `seq_len`
+    tokens drawn with its seed, from its calibration data or, if set, from `repair_data`, whose sources share the
+    windows evenly (in order; the first ones get the remainder)."""
+    sources = repair_sources(config.repair_data)
+    if not sources:
+        return _config_samples(tokenizer, config, config.repair_samples)
+    if config.repair_samples < len(sources):
+        raise BlockCBOError(
+            f"repair_data names {len(sources)} sources but repair_samples is {config.repair_samples}: give each "
+            "source at least one window"
+        )
+    share, extra = divmod(config.repair_samples, len(sources))
+    parts = [
+        build_calibration_set(
+            tokenizer, source, share + (i < extra), config.seq_len, packing=config.packing, seed=config.seed
+        )
+        for i, source in enumerate(sources)
+    ]
+    width = max(p.seq_len for p in parts)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    ids = torch.cat([F.pad(p.input_ids, (0, width - p.seq_len), value=pad_id) for p in parts])
+    mask = torch.cat([F.pad(p.attention_mask, (0, width - p.seq_len), value=0) for p in parts])
+    return CalibrationSet(ids, mask, " + ".join(p.source for p in parts))

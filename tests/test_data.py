@@ -147,3 +147,23 @@ def test_a_smaller_draw_is_a_prefix_of_a_larger_one(tokenizer, tmp_path):
         large = build_calibration_set(tokenizer, source, num_samples=12, seq_len=16, seed=3)
         assert torch.equal(large.input_ids[:4], small.input_ids), source
         assert not torch.equal(large.input_ids[4:8], small.input_ids), "the rest is not a repeat"
+
+
+def test_repair_data_sources_share_the_repair_windows(tokenizer, tmp_path):
+    from hf_blockcbo.config import BlockRemovalConfig
+    from hf_blockcbo.data import repair_samples
+
+    play = tmp_path / "play.txt"
+    play.write_text("\n\n".join(f"Enter a messenger, the {i}th, with a letter." for i in range(80)), encoding="utf-8")
+    config = BlockRemovalConfig(repair_samples=5, seq_len=16, repair_data=f"embedded, {play}")
+    mixed = repair_samples(tokenizer, config)
+    first = build_calibration_set(tokenizer, "embedded", num_samples=3, seq_len=16)
+    second = build_calibration_set(tokenizer, str(play), num_samples=2, seq_len=16)
+    assert torch.equal(mixed.input_ids, torch.cat([first.input_ids, second.input_ids]))
+    assert mixed.source == f"{first.source} + {second.source}"
+    plain = repair_samples(tokenizer, BlockRemovalConfig(repair_samples=5, seq_len=16))  # unset: the calibration data
+    assert torch.equal(plain.input_ids, build_calibration_set(tokenizer, None, num_samples=5, seq_len=16).input_ids)
+    with pytest.raises(BlockCBOError, match="give each source at least one window"):
+        repair_samples(tokenizer, config.replace(repair_samples=1))
+    with pytest.raises(BlockCBOError, match="repair_data must name at least one source"):
+        BlockRemovalConfig(repair_data=",")

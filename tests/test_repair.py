@@ -371,3 +371,19 @@ def test_the_rotation_variant_folds_before_the_post_norm(family, monkeypatch):
     remove_blocks(model, REMOVED)
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, hooked, rtol=1e-4, atol=1e-4)
+
+
+def test_an_unreadable_repair_source_fails_before_the_selection(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    args = ["prune", "--model", str(tiny_model_dir), "--remove", "2", "--repair", "--seq-len", "24", "--no-progress"]
+    assert main([*args, "--repair-data", str(tmp_path / "missing.txt"), "--output", str(out)]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing.txt" in err[0], err
+    assert not out.exists()
+
+
+def test_the_callback_refuses_repair_data():
+    from hf_blockcbo.callback import BlockRemovalCallback
+
+    with pytest.raises(BlockCBOError, match="leave it unset here"):
+        BlockRemovalCallback(BlockRemovalConfig(repair=True, repair_data="other.txt"))

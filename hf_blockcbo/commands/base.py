@@ -74,7 +74,7 @@ GROUPS = {
         "measured_round_trigger",
     ),
     "choice": ("scorer", "rank", "blocks"),
-    "repair": ("repair", "repair_aware", "repair_samples", "repair_ridge", "repair_weighting"),
+    "repair": ("repair", "repair_aware", "repair_samples", "repair_data", "repair_ridge", "repair_weighting"),
 }
 _CHOICES = {
     "dtype": ("auto", "float32", "bfloat16", "float16"),
