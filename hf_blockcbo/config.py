@@ -15,6 +15,10 @@ from .io_utils import write_json_atomic
 CONFIG_NAME = "block_removal_config.json"
 
 
+# how the repair weighs each calibration token's fit error (`repair_weighting`, used by repair/least_squares.py)
+REPAIR_WEIGHTINGS = ("uniform", "relative")
+
+
 @dataclass
 class BlockRemovalConfig:
     """Settings of a block-removal run: which model, which calibration data, which solver, which blocks.
@@ -221,8 +225,6 @@ class BlockRemovalConfig:
             not isinstance(self.repair_data, str) or not any(s.strip() for s in self.repair_data.split(","))
         ):
             raise BlockCBOError(f"repair_data must name at least one source, got {self.repair_data!r}")
-        from .repair import REPAIR_WEIGHTINGS
-
         if self.repair_weighting not in REPAIR_WEIGHTINGS:
             raise BlockCBOError(
                 f"repair_weighting must be one of {', '.join(REPAIR_WEIGHTINGS)}, got {self.repair_weighting!r}"

@@ -150,7 +150,7 @@ def add_config_flags(
 
     Flags default to None (not given), so a `--config` file's values survive unless a flag overrides them.
     """
-    from ..config import BlockRemovalConfig
+    from ..config import REPAIR_WEIGHTINGS, BlockRemovalConfig
 
     choices = dict(_CHOICES)
     if "curvature" in GROUPS[group]:
@@ -158,8 +158,6 @@ def add_config_flags(
 
         choices["curvature"] = tuple(available_curvatures())
     if "repair_weighting" in GROUPS[group]:
-        from ..repair import REPAIR_WEIGHTINGS
-
         choices["repair_weighting"] = REPAIR_WEIGHTINGS
     names = [n for n in GROUPS[group] if n not in exclude]
     add_dataclass_flags(parser.add_argument_group(group), BlockRemovalConfig, names, FLAG_NAMES, required, choices)

@@ -41,12 +41,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..config import REPAIR_WEIGHTINGS
 from ..data import CalibrationSet
 from ..errors import BlockCBOError
 from ..hessian.gradients import frozen_eval
 from ..surgery.architectures import ArchitectureSpec, get_architecture, get_layers
 from ..surgery.gates import BlockGates
-from . import REPAIR_WEIGHTINGS
 
 
 REPAIR_KINDS = ("linear", "diagonal", "rotation")
