@@ -110,31 +110,18 @@ def main() -> None:
         row = {"method": method, "blocks": list(blocks), "choose_s": seconds, "note": note}
         for label, test in tests.items():
             row[label] = perplexity(model, test, blocks)
-        began = time.perf_counter()
-        repair = fit_repair(
-            model, blocks, data, config.repair_ridge, config.batch_size, weighting=config.repair_weighting
+        arms = [("", config.repair_weighting)] + (
+            [(f" {args.also_weighting}", args.also_weighting)] if args.also_weighting else []
         )
-        row["repair_s"] = time.perf_counter() - began
-        with repair.applied(model):
-            for label, test in tests.items():
-                row[f"{label} repaired"] = perplexity(model, test, blocks)
-        if args.also_weighting:
+        for suffix, weighting in arms:  # the same blocks repaired with each weighting: seconds, perplexities, share
             began = time.perf_counter()
-            other = fit_repair(
-                model, blocks, data, config.repair_ridge, config.batch_size, weighting=args.also_weighting
-            )
-            row[f"repair_s {args.also_weighting}"] = time.perf_counter() - began
-            with other.applied(model):
+            repair = fit_repair(model, blocks, data, config.repair_ridge, config.batch_size, weighting=weighting)
+            row[f"repair_s{suffix}"] = time.perf_counter() - began
+            with repair.applied(model):
                 for label, test in tests.items():
-                    row[f"{label} repaired {args.also_weighting}"] = perplexity(model, test, blocks)
-        for label in tests:
-            rise = row[label] - unpruned[label]
-            row[f"{label} removed"] = (row[label] - row[f"{label} repaired"]) / rise if rise > 0 else float("nan")
-            if args.also_weighting:
-                repaired = row[f"{label} repaired {args.also_weighting}"]
-                row[f"{label} removed {args.also_weighting}"] = (
-                    (row[label] - repaired) / rise if rise > 0 else float("nan")
-                )
+                    repaired = row[f"{label} repaired{suffix}"] = perplexity(model, test, blocks)
+                    rise = row[label] - unpruned[label]
+                    row[f"{label} removed{suffix}"] = (row[label] - repaired) / rise if rise > 0 else float("nan")
         rows.append(row)
         print(json.dumps(row), flush=True)
 

@@ -221,10 +221,13 @@ class BlockRemovalConfig:
             raise BlockCBOError(f"repair_samples must be a positive integer, got {self.repair_samples!r}")
         if not isinstance(self.repair_ridge, (int, float)) or not self.repair_ridge >= 0:
             raise BlockCBOError(f"repair_ridge must be a number >= 0, got {self.repair_ridge!r}")
-        if self.repair_data is not None and (
-            not isinstance(self.repair_data, str) or not any(s.strip() for s in self.repair_data.split(","))
-        ):
+        if self.repair_data is not None and (not isinstance(self.repair_data, str) or not self.repair_sources):
             raise BlockCBOError(f"repair_data must name at least one source, got {self.repair_data!r}")
+        if self.repair_samples < len(self.repair_sources):
+            raise BlockCBOError(
+                f"repair_data names {len(self.repair_sources)} sources but repair_samples is {self.repair_samples}: "
+                "give each source at least one window"
+            )
         if self.repair_weighting not in REPAIR_WEIGHTINGS:
             raise BlockCBOError(
                 f"repair_weighting must be one of {', '.join(REPAIR_WEIGHTINGS)}, got {self.repair_weighting!r}"
@@ -267,6 +270,11 @@ class BlockRemovalConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def repair_sources(self) -> list[str]:
+        """The sources of `repair_data` (separated by commas); empty: the repair fits on the calibration data."""
+        return [s.strip() for s in (self.repair_data or "").split(",") if s.strip()]
 
     def replace(self, **changes) -> BlockRemovalConfig:
         """A copy with ``changes`` applied (`None` values are ignored, so CLI flags left unset keep the file's value)."""

@@ -313,23 +313,13 @@ def calibration_samples(tokenizer, config) -> CalibrationSet:
     return _config_samples(tokenizer, config, config.num_samples)
 
 
-def repair_sources(repair_data: str | None) -> list[str]:
-    """The sources of `repair_data`: several separated by commas, or none (the calibration data is used)."""
-    return [s.strip() for s in (repair_data or "").split(",") if s.strip()]
-
-
 def repair_samples(tokenizer, config) -> CalibrationSet:
     """The samples the repair maps of a `BlockRemovalConfig` are fitted on: `repair_samples` windows of `seq_len`
     tokens drawn with its seed, from its calibration data or, if set, from `repair_data`, whose sources share the
     windows evenly (in order; the first ones get the remainder)."""
-    sources = repair_sources(config.repair_data)
+    sources = config.repair_sources  # the config checks there are at most repair_samples of them
     if not sources:
         return _config_samples(tokenizer, config, config.repair_samples)
-    if config.repair_samples < len(sources):
-        raise BlockCBOError(
-            f"repair_data names {len(sources)} sources but repair_samples is {config.repair_samples}: give each "
-            "source at least one window"
-        )
     share, extra = divmod(config.repair_samples, len(sources))
     parts = [
         build_calibration_set(

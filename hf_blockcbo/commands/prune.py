@@ -49,14 +49,12 @@ class PruneCommand(BaseCommand):
 
         args = self.args
         config = self.config()
-        from ..data import check_data_file, repair_samples, repair_sources
+        from ..data import check_data_file
 
         inputs = [config.model, config.data, config.validation_data, args.hessian, args.candidates, args.config]
-        inputs += repair_sources(config.repair_data)
-        for data in [config.data, config.validation_data] + (
-            repair_sources(config.repair_data) if config.repair else []
-        ):
-            check_data_file(data)
+        inputs += config.repair_sources
+        for data in [config.data, config.validation_data] + (config.repair_sources if config.repair else []):
+            check_data_file(data)  # a missing data file is one line before the model loads
         check_not_an_input(args.output, inputs)
         check_output_dir(args.output, args.overwrite)  # fail before the long work, not after
         if args.save_hessian:
@@ -67,8 +65,6 @@ class PruneCommand(BaseCommand):
         model, tokenizer = load_model(
             source, dtype=config.dtype, need_tokenizer=not explicit or config.repair or args.heal
         )
-        if config.repair and config.repair_data:
-            repair_samples(tokenizer, config)  # an unreadable repair source fails now, not after the selection
         artifact = None
         if args.hessian:
             artifact = HessianArtifact.load(args.hessian)
