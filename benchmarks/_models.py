@@ -24,16 +24,21 @@ def model_argument(name: str) -> str | None:
     return MODELS[name]() if name in MODELS else name
 
 
-def held_out_tests(tokenizer, eval_dir, samples: int, seq_len: int) -> dict:
-    """The two test domains no method sees (from `examples/offline_eval_data.py`): label → samples."""
+TEST_FILES = {
+    "Austen (Persuasion)": "austen_persuasion.txt",
+    "Shakespeare (As You Like It)": "shakespeare_as_you_like_it.txt",
+}
+EXTRA_TEST_FILES = {"GSM8K (chat)": "gsm8k_chat.jsonl"}  # a third domain: maths word problems, chat records
+
+
+def held_out_tests(tokenizer, eval_dir, samples: int, seq_len: int, extra: bool = False) -> dict:
+    """The test domains no method sees (from `examples/offline_eval_data.py`): label → samples; ``extra`` adds
+    GSM8K, a domain unlike both texts (for runs whose calibration mixes the novel with Shakespeare)."""
     from pathlib import Path
 
     from hf_blockcbo.data import build_calibration_set
 
-    files = {
-        "Austen (Persuasion)": "austen_persuasion.txt",
-        "Shakespeare (As You Like It)": "shakespeare_as_you_like_it.txt",
-    }
+    files = {**TEST_FILES, **(EXTRA_TEST_FILES if extra else {})}
     return {
         label: build_calibration_set(tokenizer, str(Path(eval_dir) / f), samples, seq_len)
         for label, f in files.items()

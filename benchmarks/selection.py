@@ -56,6 +56,13 @@ def main() -> None:
     )
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--num-samples", type=int, default=8, help="calibration windows (the baselines' data)")
+    parser.add_argument(
+        "--data", help="calibration data for every method (default: the embedded novel); commas mix sources"
+    )
+    parser.add_argument(
+        "--validation-data", help="validation data for the selection (default: the embedded validation split)"
+    )
+    parser.add_argument("--gsm8k", action="store_true", help="test on GSM8K chat records too (a third domain)")
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--validation-samples", default="16,64", help="validation set sizes compared")
     parser.add_argument("--test-samples", type=int, default=16)
@@ -77,11 +84,13 @@ def main() -> None:
         num_samples=args.num_samples,
         top_k=args.top_k,
         validation_samples=sizes[0],
+        data=args.data,
+        validation_data=args.validation_data,
     )
     calibration = calibration_samples(tokenizer, base)
     count = min(len(calibration), base.measured_samples)
     cal = CalibrationSet(calibration.input_ids[:count], calibration.attention_mask[:count], calibration.source)
-    tests = held_out_tests(tokenizer, Path(args.eval_dir), args.test_samples, base.seq_len)
+    tests = held_out_tests(tokenizer, Path(args.eval_dir), args.test_samples, base.seq_len, extra=args.gsm8k)
     sets = {"calibration": cal, **tests}
     for n in sizes:
         sets[f"validation ({n})"] = validation_samples(tokenizer, base.replace(validation_samples=n))
@@ -140,6 +149,10 @@ def write(args, name, rows, tests, removes, rules) -> None:
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# {name}: which rule picks among CBO's top-K (rounds and trigger: library defaults)", ""]
     lines += [f"Calibration {args.num_samples} × {args.seq_len} tokens, top-{args.top_k}.", ""]
+    lines += [
+        f"Calibration data: {args.data or 'embedded'}; validation data: {args.validation_data or 'embedded:validation'}.",
+        "",
+    ]
     for label in tests:
         lines += [f"## Test perplexity, {label}", "", "| pick | " + " | ".join(f"M={m}" for m in removes) + " |"]
         lines.append("| --- |" + " --- |" * len(removes))

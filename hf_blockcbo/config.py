@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BlockCBOError
-from .io_utils import write_json_atomic
+from .io_utils import split_sources, write_json_atomic
 
 
 CONFIG_NAME = "block_removal_config.json"
@@ -36,7 +36,11 @@ class BlockRemovalConfig:
     revision: str | None = field(default=None, metadata={"help": "Hub revision of the model."})
     dtype: str = field(default="auto", metadata={"help": "Model dtype: auto, float32, bfloat16 or float16."})
     data: str | None = field(
-        default=None, metadata={"help": "Calibration data: .txt, .jsonl, datasets id; None: embedded."}
+        default=None,
+        metadata={
+            "help": "Calibration data: .txt, .jsonl, datasets id; None: embedded. Several sources separated by "
+            "commas share the windows, interleaved (every prefix, e.g. the measured pass's, is a balanced mix)."
+        },
     )
     num_samples: int = field(default=128, metadata={"help": "Calibration samples (the paper uses 2048)."})
     seq_len: int = field(default=256, metadata={"help": "Tokens per calibration sample."})
@@ -95,7 +99,11 @@ class BlockRemovalConfig:
         default="validation", metadata={"help": "Pick among the CBO states by validation perplexity, or by energy."}
     )
     validation_data: str | None = field(
-        default=None, metadata={"help": "Held-out data for selection; None: the embedded validation split."}
+        default=None,
+        metadata={
+            "help": "Held-out data for selection; None: the embedded validation split. Several sources separated "
+            "by commas share the windows, interleaved; validate on the domains you will serve (docs/results.md §1)."
+        },
     )
     validation_samples: int = field(
         default=32,
@@ -221,13 +229,12 @@ class BlockRemovalConfig:
             raise BlockCBOError(f"repair_samples must be a positive integer, got {self.repair_samples!r}")
         if not isinstance(self.repair_ridge, (int, float)) or not self.repair_ridge >= 0:
             raise BlockCBOError(f"repair_ridge must be a number >= 0, got {self.repair_ridge!r}")
-        if self.repair_data is not None and (not isinstance(self.repair_data, str) or not self.repair_sources):
-            raise BlockCBOError(f"repair_data must name at least one source, got {self.repair_data!r}")
-        if self.repair_samples < len(self.repair_sources):
-            raise BlockCBOError(
-                f"repair_data names {len(self.repair_sources)} sources but repair_samples is {self.repair_samples}: "
-                "give each source at least one window"
-            )
+        for name, count in (
+            ("data", "num_samples"),
+            ("validation_data", "validation_samples"),
+            ("repair_data", "repair_samples"),
+        ):
+            self._check_sources(name, count)
         if self.repair_weighting not in REPAIR_WEIGHTINGS:
             raise BlockCBOError(
                 f"repair_weighting must be one of {', '.join(REPAIR_WEIGHTINGS)}, got {self.repair_weighting!r}"
@@ -271,10 +278,24 @@ class BlockRemovalConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def _check_sources(self, name: str, count_name: str) -> None:
+        """A data setting names at least one source, and no more sources than the windows it shares among them."""
+        value, count = getattr(self, name), getattr(self, count_name)
+        if value is None:
+            return
+        sources = split_sources(value) if isinstance(value, str) else []
+        if not sources:
+            raise BlockCBOError(f"{name} must name at least one source, got {value!r}")
+        if isinstance(count, int) and count < len(sources):
+            raise BlockCBOError(
+                f"{name} names {len(sources)} sources but {count_name} is {count}: give each source at least one "
+                "window"
+            )
+
     @property
     def repair_sources(self) -> list[str]:
         """The sources of `repair_data` (separated by commas); empty: the repair fits on the calibration data."""
-        return [s.strip() for s in (self.repair_data or "").split(",") if s.strip()]
+        return split_sources(self.repair_data)
 
     def replace(self, **changes) -> BlockRemovalConfig:
         """A copy with ``changes`` applied (`None` values are ignored, so CLI flags left unset keep the file's value)."""

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import BlockCBOError
+from .io_utils import split_sources
 
 
 EMBEDDED = "embedded"
@@ -133,11 +134,13 @@ def _records_from_dataset(source: str, split: str) -> list[dict]:
 
 def check_data_file(source: str | None) -> None:
     """One clear line, before any model is loaded, when ``source`` names a data file (by its suffix) that is not
-    there; Hub ids and dataset folders are checked when they are read."""
-    if source and not source.startswith(EMBEDDED):
-        path = Path(source)
-        if path.suffix in (".txt", ".jsonl", ".json", ".md") and not path.is_file():
-            raise BlockCBOError(f"the data file {source!r} does not exist; check the path")
+    there; Hub ids and dataset folders are checked when they are read. A setting naming several sources (separated
+    by commas) is checked source by source."""
+    for part in split_sources(source):
+        if not part.startswith(EMBEDDED):
+            path = Path(part)
+            if path.suffix in (".txt", ".jsonl", ".json", ".md") and not path.is_file():
+                raise BlockCBOError(f"the data file {part!r} does not exist; check the path")
 
 
 def load_records(source: str | None, split: str = "train") -> tuple[list[dict], str]:
@@ -272,7 +275,10 @@ def build_calibration_set(
         tokenizer: the model's tokenizer.
         source (`str`, *optional*): a `.txt` file, a `.jsonl`/`.json` file of `text` or `messages` records, a saved
             `datasets` folder or Hub dataset id, or `None`/`"embedded"` for the packaged public-domain sample
-            (`"embedded:validation"` and `"embedded:test"` are its disjoint held-out splits).
+            (`"embedded:validation"` and `"embedded:test"` are its disjoint held-out splits). Several sources
+            separated by commas (``"embedded,plays.txt"``) share the samples, interleaved: sample *p* comes from
+            source *p* mod S, so every prefix of the set (the ``measured`` pass's first windows, say) is a balanced
+            mix, and the first k samples are the same for every `num_samples` ≥ k.
         num_samples (`int`, defaults to 128): samples to produce.
         seq_len (`int`, defaults to 256): tokens per sample.
         packing (`str`, defaults to `"auto"`): `"pack"` (join and cut into full windows), `"truncate"` (one sample
@@ -285,6 +291,42 @@ def build_calibration_set(
         raise BlockCBOError(f"`seq_len` must be at least 2, got {seq_len}")
     if packing not in ("auto", "pack", "truncate"):
         raise BlockCBOError(f"unknown packing {packing!r}; choose auto, pack or truncate")
+    sources = split_sources(source) if isinstance(source, str) and "," in source else [source]
+    if not sources:
+        raise BlockCBOError(f"the data setting {source!r} names no source")
+    if len(sources) > num_samples:
+        raise BlockCBOError(
+            f"the data names {len(sources)} sources but only {num_samples} samples were asked for: give each "
+            "source at least one sample"
+        )
+    if len(sources) == 1:
+        return _single_source_set(tokenizer, sources[0], num_samples, seq_len, packing, split, seed)
+    counts = [len(range(i, num_samples, len(sources))) for i in range(len(sources))]
+    parts = [
+        _single_source_set(tokenizer, part, count, seq_len, packing, split, seed)
+        for part, count in zip(sources, counts, strict=True)
+    ]
+    return interleave(parts, tokenizer)
+
+
+def interleave(parts: list[CalibrationSet], tokenizer) -> CalibrationSet:
+    """One set from several, round robin (sample *p* from part *p* mod S while every part has samples left),
+    right-padded to the longest part's width."""
+    width = max(p.seq_len for p in parts)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    order = sorted(
+        ((row, index) for index, part in enumerate(parts) for row in range(len(part))),
+    )
+    ids = torch.stack(
+        [F.pad(parts[i].input_ids[row], (0, width - parts[i].seq_len), value=pad_id) for row, i in order]
+    )
+    mask = torch.stack([F.pad(parts[i].attention_mask[row], (0, width - parts[i].seq_len)) for row, i in order])
+    return CalibrationSet(ids, mask, " + ".join(p.source for p in parts))
+
+
+def _single_source_set(
+    tokenizer, source: str | None, num_samples: int, seq_len: int, packing: str, split: str, seed: int
+) -> CalibrationSet:
     records, description = load_records(source, split)
     texts = [t for t in (_render(r, tokenizer) for r in records) if t.strip()]
     if not texts:
@@ -316,19 +358,9 @@ def calibration_samples(tokenizer, config) -> CalibrationSet:
 def repair_samples(tokenizer, config) -> CalibrationSet:
     """The samples the repair maps of a `BlockRemovalConfig` are fitted on: `repair_samples` windows of `seq_len`
     tokens drawn with its seed, from its calibration data or, if set, from `repair_data`, whose sources share the
-    windows evenly (in order; the first ones get the remainder)."""
-    sources = config.repair_sources  # the config checks there are at most repair_samples of them
-    if not sources:
+    windows, interleaved (the first ones get the remainder)."""
+    if not config.repair_sources:
         return _config_samples(tokenizer, config, config.repair_samples)
-    share, extra = divmod(config.repair_samples, len(sources))
-    parts = [
-        build_calibration_set(
-            tokenizer, source, share + (i < extra), config.seq_len, packing=config.packing, seed=config.seed
-        )
-        for i, source in enumerate(sources)
-    ]
-    width = max(p.seq_len for p in parts)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    ids = torch.cat([F.pad(p.input_ids, (0, width - p.seq_len), value=pad_id) for p in parts])
-    mask = torch.cat([F.pad(p.attention_mask, (0, width - p.seq_len), value=0) for p in parts])
-    return CalibrationSet(ids, mask, " + ".join(p.source for p in parts))
+    return build_calibration_set(
+        tokenizer, config.repair_data, config.repair_samples, config.seq_len, packing=config.packing, seed=config.seed
+    )

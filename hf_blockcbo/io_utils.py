@@ -1,4 +1,4 @@
-"""Atomic writes: outputs appear complete under their final name or not at all."""
+"""Atomic writes (outputs appear complete under their final name or not at all) and the names of inputs."""
 
 from __future__ import annotations
 
@@ -88,10 +88,19 @@ def check_output_file(path: str | os.PathLike, overwrite: bool) -> Path:
     return path
 
 
+def split_sources(text: str | None) -> list[str]:
+    """The data sources one setting names, separated by commas (``"a.txt, b.txt"``); none for an empty setting."""
+    return [s.strip() for s in (text or "").split(",") if s.strip()]
+
+
 def check_not_an_input(output: str | os.PathLike, inputs: list[str | os.PathLike | None]) -> None:
-    """An output may never be, contain, or sit inside an input (a model folder, a data file, an artifact)."""
+    """An output may never be, contain, or sit inside an input (a model folder, a data file, an artifact); a data
+    setting that names several sources (separated by commas) is checked source by source."""
     out = Path(output).resolve()
+    named = []
     for given in inputs:
+        named += split_sources(given) if isinstance(given, str) and "," in given else [given]
+    for given in named:
         if not given:
             continue
         source = Path(given)

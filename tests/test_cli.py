@@ -313,11 +313,17 @@ def test_an_output_never_replaces_or_contains_an_input(artifact_path, tiny_model
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("keep")
+    plays = tmp_path / "plays.txt"
+    plays.write_text("Enter a messenger.\n\n" * 200)
     rows = [
         (["solve", "--hessian", str(hessian), "--remove", "2", "--output", str(hessian)], "input"),
         (["solve", "--hessian", str(hessian), "--remove", "2", "--output", str(existing)], "--overwrite"),
         (["calibrate", "--model", str(model), *COMMON, "--output", str(existing)], "--overwrite"),
         (["calibrate", "--model", str(model), *COMMON, "--output", str(model / "h.safetensors")], "input"),
+        (  # a data setting naming several sources: each is an input
+            ["calibrate", "--model", str(model), *COMMON, "--data", f"embedded,{plays}", "--output", str(plays)],
+            "input",
+        ),
         (
             ["prune", "--model", str(model), "--blocks", "1", "--output", str(tmp_path / "models"), "--overwrite"],
             "input",
@@ -328,14 +334,14 @@ def test_an_output_never_replaces_or_contains_an_input(artifact_path, tiny_model
             "--overwrite",
         ),
     ]
-    watched = [model, hessian, existing, busy]
+    watched = [model, hessian, existing, busy, plays]
     before = _snapshot(watched)
     for argv, fragment in rows:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert fragment in err and len(err.splitlines()) == 1 and "Traceback" not in err, (argv, err)
     assert _snapshot(watched) == before, "no input changed"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "existing.safetensors", "h.safetensors", "models"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "existing.safetensors", "h.safetensors", "models", "plays.txt"]
 
 
 def test_library_errors_name_fields_and_the_cli_names_flags(artifact_path, capsys):

@@ -159,7 +159,8 @@ def test_repair_data_sources_share_the_repair_windows(tokenizer, tmp_path):
     mixed = repair_samples(tokenizer, config)
     first = build_calibration_set(tokenizer, "embedded", num_samples=3, seq_len=16)
     second = build_calibration_set(tokenizer, str(play), num_samples=2, seq_len=16)
-    assert torch.equal(mixed.input_ids, torch.cat([first.input_ids, second.input_ids]))
+    interleaved = torch.stack([first.input_ids[0], second.input_ids[0], first.input_ids[1], second.input_ids[1]])
+    assert torch.equal(mixed.input_ids, torch.cat([interleaved, first.input_ids[2:]]))
     assert mixed.source == f"{first.source} + {second.source}"
     plain = repair_samples(tokenizer, BlockRemovalConfig(repair_samples=5, seq_len=16))  # unset: the calibration data
     assert torch.equal(plain.input_ids, build_calibration_set(tokenizer, None, num_samples=5, seq_len=16).input_ids)
@@ -167,3 +168,36 @@ def test_repair_data_sources_share_the_repair_windows(tokenizer, tmp_path):
         repair_samples(tokenizer, config.replace(repair_samples=1))
     with pytest.raises(BlockCBOError, match="repair_data must name at least one source"):
         BlockRemovalConfig(repair_data=",")
+
+
+def test_several_sources_share_the_windows_interleaved_and_every_prefix_is_a_balanced_mix(tokenizer, tmp_path):
+    play = tmp_path / "play.txt"
+    play.write_text("\n\n".join(f"Enter a messenger, the {i}th, with a letter." for i in range(200)), encoding="utf-8")
+    source = f"embedded, {play}"
+    mixed = build_calibration_set(tokenizer, source, num_samples=7, seq_len=16, seed=2)
+    novel = build_calibration_set(tokenizer, "embedded", num_samples=4, seq_len=16, seed=2)
+    plays = build_calibration_set(tokenizer, str(play), num_samples=3, seq_len=16, seed=2)
+    assert torch.equal(mixed.input_ids[0::2], novel.input_ids) and torch.equal(mixed.input_ids[1::2], plays.input_ids)
+    assert mixed.source == f"embedded + {play}"
+    smaller = build_calibration_set(tokenizer, source, num_samples=4, seq_len=16, seed=2)
+    assert torch.equal(mixed.input_ids[:4], smaller.input_ids), (
+        "the measured pass's prefix does not depend on the size"
+    )
+    assert mixed.fingerprint != build_calibration_set(tokenizer, f"{play}, embedded", 7, 16, seed=2).fingerprint
+    with pytest.raises(BlockCBOError, match="give each source at least one sample"):
+        build_calibration_set(tokenizer, source, num_samples=1, seq_len=16)
+    with pytest.raises(BlockCBOError, match="does not exist"):
+        build_calibration_set(tokenizer, f"embedded, {tmp_path / 'missing.txt'}", num_samples=4, seq_len=16)
+
+
+@pytest.mark.parametrize(
+    ("field", "count"),
+    [("data", "num_samples"), ("validation_data", "validation_samples"), ("repair_data", "repair_samples")],
+)
+def test_a_data_setting_with_more_sources_than_windows_is_refused(field, count):
+    from hf_blockcbo.config import BlockRemovalConfig
+
+    with pytest.raises(BlockCBOError, match=f"{field} names 3 sources but {count} is 2"):
+        BlockRemovalConfig(**{field: "a.txt,b.txt,c.txt", count: 2})
+    with pytest.raises(BlockCBOError, match=f"{field} must name at least one source"):
+        BlockRemovalConfig(**{field: " , "})
