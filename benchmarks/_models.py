@@ -39,7 +39,27 @@ def held_out_tests(tokenizer, eval_dir, samples: int, seq_len: int, extra: bool 
     from hf_blockcbo.data import build_calibration_set
 
     files = {**TEST_FILES, **(EXTRA_TEST_FILES if extra else {})}
-    return {
-        label: build_calibration_set(tokenizer, str(Path(eval_dir) / f), samples, seq_len)
-        for label, f in files.items()
-    }
+    out = {}
+    for label, name in files.items():
+        path = Path(eval_dir) / name
+        if path.suffix == ".jsonl" and getattr(tokenizer, "chat_template", None) is None:
+            path = _as_plain_text(path)  # a tokenizer without a chat template (Gemma's GGUF): question, answer
+            out[label] = build_calibration_set(tokenizer, str(path), samples, seq_len, packing="truncate")
+        else:
+            out[label] = build_calibration_set(tokenizer, str(path), samples, seq_len)
+    return out
+
+
+def _as_plain_text(path):
+    """A copy of a chat JSONL as `text` records (the turns joined by blank lines), in a temporary folder."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    out = Path(tempfile.mkdtemp(prefix="plain_")) / path.name
+    with path.open(encoding="utf-8") as src, out.open("w", encoding="utf-8") as dst:
+        for line in src:
+            if line.strip():
+                turns = json.loads(line)["messages"]
+                dst.write(json.dumps({"text": "\n\n".join(t["content"] for t in turns)}) + "\n")
+    return out

@@ -65,6 +65,10 @@ def main() -> None:
     parser.add_argument("--heal-short", type=int, default=100)
     parser.add_argument("--heal-lr", type=float, default=1e-4, help="learning rate of both distillation arms")
     parser.add_argument(
+        "--heal-short-lr",
+        help="learning rates of the repaired + short arm, comma-separated, one arm each (default: --heal-lr)",
+    )
+    parser.add_argument(
         "--cbo-blocks",
         help="the CBO choice of an earlier run of this script (e.g. 7,8,9,12): skip the calibration and both CBO "
         "selections, measure and distil these blocks",
@@ -163,10 +167,10 @@ def distill(args, model, tokenizer, source, config, selection, tests, unpruned) 
     teacher = config.model or "embedded:smollm2"  # the unpruned model the student came from
     out = []
     try:
-        for label, repaired, steps in (
-            ("distilled", False, args.heal_steps),
-            ("repaired + distilled", True, args.heal_short),
-        ):
+        short_lrs = [float(x) for x in args.heal_short_lr.split(",")] if args.heal_short_lr else [args.heal_lr]
+        arms = [("distilled", False, args.heal_steps, args.heal_lr)]
+        arms += [("repaired + distilled", True, args.heal_short, lr) for lr in short_lrs]
+        for label, repaired, steps, lr in arms:
             student = work / f"student_{int(repaired)}"
             began = time.perf_counter()
             prune_and_save(
@@ -176,7 +180,7 @@ def distill(args, model, tokenizer, source, config, selection, tests, unpruned) 
             heal_args = HealConfig(
                 output_dir=str(work / "ckpt"),
                 max_steps=steps,
-                learning_rate=args.heal_lr,
+                learning_rate=lr,
                 per_device_train_batch_size=2,
                 max_length=args.seq_len,
                 save_steps=10**6,
@@ -186,7 +190,7 @@ def distill(args, model, tokenizer, source, config, selection, tests, unpruned) 
             heal(student, teacher, None, work / f"healed_{int(repaired)}", heal_args, eval_samples=8)
             heal_s = time.perf_counter() - began
             healed = AutoModelForCausalLM.from_pretrained(work / f"healed_{int(repaired)}").eval()
-            row = {"method": f"cbo {label} ({steps} steps)", "prepare_s": prepare_s, "heal_s": heal_s}
+            row = {"method": f"cbo {label} ({steps} steps, lr {lr:g})", "prepare_s": prepare_s, "heal_s": heal_s}
             for name, test in tests.items():
                 row[name] = perplexity(healed, test)
             out.append(row)
@@ -203,6 +207,8 @@ def write(args, rows, heal_rows, unpruned, tests) -> None:
     name = f"repair_{args.model}_m{args.remove}" + (f"_{args.also_weighting}" if args.also_weighting else "")
     if args.repair_data:
         name += "_fit_" + "+".join(Path(s).stem for s in args.repair_data.split(",") if s)
+    if args.heal_short_lr:
+        name += "_short_lr_" + args.heal_short_lr.replace(",", "_")
     labels = list(tests)
     lines = [
         f"# Training-free repair: {args.model}, M = {args.remove}",
@@ -215,6 +221,7 @@ def write(args, rows, heal_rows, unpruned, tests) -> None:
         + (f" --weighting {args.weighting}" if args.weighting else "")
         + (f" --also-weighting {args.also_weighting}" if args.also_weighting else "")
         + (f" --repair-data {args.repair_data}" if args.repair_data else "")
+        + (f" --heal-short-lr {args.heal_short_lr}" if args.heal_short_lr else "")
         + " --eval-dir eval_data`",
         "",
         "Unpruned test perplexity: " + ", ".join(f"{k} {v:.2f}" for k, v in unpruned.items()) + ".",

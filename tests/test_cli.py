@@ -341,7 +341,13 @@ def test_an_output_never_replaces_or_contains_an_input(artifact_path, tiny_model
         err = capsys.readouterr().err.strip()
         assert fragment in err and len(err.splitlines()) == 1 and "Traceback" not in err, (argv, err)
     assert _snapshot(watched) == before, "no input changed"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "existing.safetensors", "h.safetensors", "models", "plays.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "busy",
+        "existing.safetensors",
+        "h.safetensors",
+        "models",
+        "plays.txt",
+    ]
 
 
 def test_library_errors_name_fields_and_the_cli_names_flags(artifact_path, capsys):
