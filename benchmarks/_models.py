@@ -63,3 +63,18 @@ def _as_plain_text(path):
                 turns = json.loads(line)["messages"]
                 dst.write(json.dumps({"text": "\n\n".join(t["content"] for t in turns)}) + "\n")
     return out
+
+
+def write_tables(out, stem: str, lines: list[str], rows: list[dict]) -> None:
+    """``<out>/<stem>.md`` from the markdown ``lines`` and ``<stem>.csv`` from ``rows`` (the first row's keys as the
+    header); the markdown is printed too."""
+    import csv
+    import io
+
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    (out / f"{stem}.csv").write_text(buf.getvalue(), encoding="utf-8")
+    print("\n".join(lines))

@@ -10,14 +10,16 @@ held-out text from two domains, with each method's cost — side by side in one 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import math
 import time
 from pathlib import Path
 
 import torch
-from _models import held_out_tests, model_argument  # benchmarks/_models.py (run as `python benchmarks/<name>.py`)
+from _models import (  # benchmarks/_models.py (run as `python benchmarks/<name>.py`)
+    held_out_tests,
+    model_argument,
+    write_tables,
+)
 
 from hf_blockcbo.config import BlockRemovalConfig
 from hf_blockcbo.data import build_calibration_set
@@ -166,14 +168,8 @@ def write(args, name, rows, tests, unpruned, costs, diagnoses, removes) -> None:
     lines += ["## Does the energy predict the damage?", ""]
     for d in diagnoses:
         lines += [d.markdown(), ""]
-    (out / f"estimators_{name}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    (out / f"estimators_{name}.csv").write_text(buf.getvalue(), encoding="utf-8")
+    write_tables(out, f"estimators_{name}", lines, rows)
     plot_diagnoses(diagnoses, out / f"estimators_{name}.png", title=f"{name}: energy vs measured held-out KL")
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -12,8 +12,6 @@ Writes ``rounds_<name>.md`` and ``.csv`` into ``--output``.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import time
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from _models import (  # benchmarks/_models.py (run as `python benchmarks/<name>
     blocks_at,
     held_out_tests,
     model_argument,
+    write_tables,
 )
 
 from hf_blockcbo.config import BlockRemovalConfig
@@ -240,13 +239,7 @@ def write(args, name, rows, tests, unpruned, removes, notes) -> None:
             cells.append(f"{hit[0]['seconds']} s, {hit[0]['tokens']:,}" if hit else "")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines += ["", *[f"- {n}" for n in notes], ""]
-    (out / f"rounds_{name}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    (out / f"rounds_{name}.csv").write_text(buf.getvalue(), encoding="utf-8")
-    print("\n".join(lines))
+    write_tables(out, f"rounds_{name}", lines, rows)
 
 
 if __name__ == "__main__":

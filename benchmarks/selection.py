@@ -13,8 +13,6 @@ Writes ``selection_<name>.md`` and ``.csv`` into ``--output``.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import time
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from _models import (  # benchmarks/_models.py (run as `python benchmarks/<name>
     blocks_at,
     held_out_tests,
     model_argument,
+    write_tables,
 )
 
 from hf_blockcbo.config import BlockRemovalConfig
@@ -189,13 +188,7 @@ def write(args, name, rows, tests, removes, rules) -> None:
                 + f" ({wins} of {len(removes)})"
             )
         lines.append("")
-    (out / f"selection_{name}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    (out / f"selection_{name}.csv").write_text(buf.getvalue(), encoding="utf-8")
-    print("\n".join(lines))
+    write_tables(out, f"selection_{name}", lines, rows)
 
 
 if __name__ == "__main__":

@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
-from _models import held_out_tests, model_argument  # benchmarks/_models.py (run as `python benchmarks/<name>.py`)
+from _models import (  # benchmarks/_models.py (run as `python benchmarks/<name>.py`)
+    held_out_tests,
+    model_argument,
+    write_tables,
+)
 
 from hf_blockcbo.data import CalibrationSet
 from hf_blockcbo.models import load_model, resolve_model
@@ -145,13 +148,7 @@ def write(args, rule: str, rows: list[dict]) -> None:
         counts = {v: sum(r["verdict"] == v for r in mine) for v in ("better", "same state", "within noise", "worse")}
         lines.append("")
         lines.append(f"- {label}: " + ", ".join(f"{v} {n}" for v, n in counts.items()) + f" (of {len(mine)})")
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    (out / f"{stem}.csv").write_text(buf.getvalue(), encoding="utf-8")
-    print("\n".join(lines))
+    write_tables(out, stem, lines, rows)
 
 
 if __name__ == "__main__":
