@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ from _models import (  # benchmarks/_models.py (run as `python benchmarks/<name>
 )
 
 from hf_blockcbo.data import CalibrationSet
+from hf_blockcbo.evaluation.likelihood import paired_ratio_interval
 from hf_blockcbo.models import load_model, resolve_model
 from hf_blockcbo.selection.diagnose import measure_states
 
@@ -45,24 +45,14 @@ def picks(rows: list[dict], rule: str) -> dict[int, dict[str, tuple[int, ...]]]:
 
 
 def per_window_nll(model, states: list[tuple[int, ...]], data: CalibrationSet) -> tuple[np.ndarray, np.ndarray]:
-    """[states, windows] mean next-token NLL of each window, and each window's predicted-token count."""
+    """[states, windows] summed next-token NLL of each window, and each window's predicted-token count."""
     nll = np.zeros((len(states), len(data)))
     counts = (data.attention_mask[:, 1:] * data.attention_mask[:, :-1]).sum(1).double().numpy()
     for i in range(len(data)):
         one = CalibrationSet(data.input_ids[i : i + 1], data.attention_mask[i : i + 1], data.source)
         found = measure_states(model, states, one, batch_size=1)
-        nll[:, i] = np.log(found.perplexity)
+        nll[:, i] = np.log(found.perplexity) * counts[i]
     return nll, counts
-
-
-def bootstrap_ratio(a: np.ndarray, b: np.ndarray, w: np.ndarray, draws: int, seed: int = 0) -> tuple[float, float]:
-    """95 % interval of exp(mean_w(a) − mean_w(b)) over windows resampled with replacement (paired)."""
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(w), size=(draws, len(w)))
-    ww = w[idx]
-    diff = ((a[idx] - b[idx]) * ww).sum(1) / ww.sum(1)
-    lo, hi = np.quantile(diff, [0.025, 0.975])
-    return math.exp(lo), math.exp(hi)
 
 
 def main() -> None:
@@ -90,7 +80,7 @@ def main() -> None:
     out_rows = []
     for label, data in tests.items():
         nll, counts = per_window_nll(model, states, data)
-        total = {s: float(np.exp((nll[k] * counts).sum() / counts.sum())) for k, s in enumerate(states)}
+        total = {s: float(np.exp(nll[k].sum() / counts.sum())) for k, s in enumerate(states)}
         for m, per_m in chosen.items():
             recorded = {
                 r["method"]: float(r[label])
@@ -101,8 +91,7 @@ def main() -> None:
                 print(f"{label} M={m} {method}: {total[state]:.3f} (selection run {recorded[method]:.3f})")
             best = min((meth for meth in per_m if meth != "cbo"), key=lambda meth: total[per_m[meth]])
             a, b = nll[states.index(per_m["cbo"])], nll[states.index(per_m[best])]
-            lo, hi = bootstrap_ratio(a, b, counts, args.draws)
-            ratio = total[per_m["cbo"]] / total[per_m[best]]
+            ratio, lo, hi = paired_ratio_interval(a, b, counts, args.draws)
             verdict = (
                 "same state"
                 if per_m["cbo"] == per_m[best]

@@ -253,9 +253,22 @@ def test_compare_writes_table_csv_and_plot(tiny_model_dir, tmp_path, capsys):
     ]
     assert main([*args, "--sleb-samples", "2", "--top-k", "4", "--output-dir", str(out)]) == 0
     table = (out / "compare.md").read_text()
+    cbo_test = {
+        int(c[1]): float(c[6]) for c in (line.split("|") for line in table.splitlines()) if c[2:3] == [" cbo "]
+    }
     for method in ("cbo", "cbo (ground state)", "bi", "angular", "norm_ratio", "sleb", "swm", "random"):
         assert f"| {method} |" in table
     assert "Spearman" in table and "mc acc" in table
+    assert "test ppl ÷ CBO's (95 % interval)" in table
+    for line in table.splitlines():  # every baseline's test perplexity over CBO's, with its interval
+        if line.startswith("| 2 | bi |"):
+            cells = [c.strip() for c in line.split("|")]
+            ratio, interval = cells[7].split(" ")
+            low, high = (float(x) for x in interval.strip("()").split("–"))
+            assert low <= float(ratio) <= high
+            assert float(ratio) == pytest.approx(float(cells[6]) / cbo_test[2], rel=2e-3)
+        if line.startswith("| 2 | cbo |"):
+            assert line.split("|")[7].strip() == ""
     assert len((out / "compare.csv").read_text().splitlines()) == 1 + 2 * 8
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
 

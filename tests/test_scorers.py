@@ -166,3 +166,39 @@ def test_sleb_reuses_its_nested_greedy_picks(setup, monkeypatch):
     assert alone[0].blocks == two.blocks
     fresh.protected = [two.blocks[0]]
     assert two.blocks[0] not in score("sleb", fresh, 2)[0].blocks, "other settings: the picks are recomputed"
+
+
+def test_window_losses_recombine_to_the_perplexity_and_equal_each_sample_alone(setup):
+    from hf_blockcbo.data import CalibrationSet
+    from hf_blockcbo.evaluation.likelihood import window_losses
+
+    model, _, validation = setup
+    losses = window_losses(model, validation, [1, 3], batch_size=3)
+    assert len(losses.nll) == len(losses.tokens) == len(validation)
+    assert losses.perplexity == pytest.approx(perplexity(model, validation, [1, 3], batch_size=2), rel=1e-6)
+    for i in range(len(validation)):
+        one = CalibrationSet(validation.input_ids[i : i + 1], validation.attention_mask[i : i + 1], "one")
+        alone = window_losses(model, one, [1, 3])
+        assert alone.tokens == [losses.tokens[i]]
+        assert alone.nll[0] == pytest.approx(losses.nll[i], rel=1e-5)
+
+
+def test_paired_ratio_interval():
+    from hf_blockcbo.evaluation.likelihood import paired_ratio_interval
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(50, 128, size=16)
+    a = rng.normal(3.0, 0.4, size=16) * tokens
+    assert paired_ratio_interval(a, a, tokens) == (1.0, 1.0, 1.0)
+    # the same per-token shift on every sample: the ratio is exact and no resample moves it
+    ratio, low, high = paired_ratio_interval(a + 0.05 * tokens, a, tokens)
+    assert ratio == pytest.approx(math.exp(0.05)) and low == pytest.approx(ratio) and high == pytest.approx(ratio)
+    # a noisy difference: the interval holds the ratio, the same seed gives the same interval, more noise a wider one
+    small = a + (0.02 + rng.normal(0, 0.05, size=16)) * tokens
+    large = a + (0.02 + rng.normal(0, 0.5, size=16)) * tokens
+    r1, lo1, hi1 = paired_ratio_interval(small, a, tokens)
+    r2, lo2, hi2 = paired_ratio_interval(large, a, tokens)
+    assert lo1 < r1 < hi1 and lo2 < r2 < hi2 and hi2 - lo2 > hi1 - lo1
+    assert paired_ratio_interval(small, a, tokens) == (r1, lo1, hi1)
+    with pytest.raises(BlockCBOError, match="paired samples must match"):
+        paired_ratio_interval(a[:3], a, tokens)

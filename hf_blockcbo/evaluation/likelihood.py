@@ -1,6 +1,7 @@
 """Evaluation of a model with some blocks switched off by gates (no copy of the model per candidate).
 
-- :func:`perplexity`: token-weighted perplexity over a :class:`CalibrationSet`-shaped text set.
+- :func:`perplexity`: token-weighted perplexity over a :class:`CalibrationSet`-shaped text set;
+  :func:`window_losses` keeps each sample's loss, for intervals (:func:`paired_ratio_interval`).
 - :func:`multiple_choice_accuracy`: zero-shot accuracy by comparing the log-likelihood of each choice given the
   question, as lm-eval does (records `{"question", "choices", "answer"}` with letter `labels`, or BoolQ-style
   `{"question", "passage", "answer": "yes"|"no"}`).
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,20 +39,57 @@ def summed_nll(logits: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor) -> 
     return float(token_loss[valid].sum())
 
 
+@dataclass
+class WindowLosses:
+    """Each sample's summed next-token loss and its number of targets, on one set, for one model and removal."""
+
+    nll: list[float]
+    tokens: list[int]
+
+    @property
+    def perplexity(self) -> float:
+        count = sum(self.tokens)
+        if count == 0:
+            raise BlockCBOError("the evaluation set has no target token")
+        return math.exp(sum(self.nll) / count)
+
+
 @torch.no_grad()
-def _nll(model, dataset: CalibrationSet, batch_size: int, progress: bool, desc: str) -> tuple[float, int]:
-    total, count = 0.0, 0
+def _window_nll(model, dataset: CalibrationSet, batch_size: int, progress: bool, desc: str) -> WindowLosses:
+    losses = WindowLosses([], [])
     device = _device(model)
     bar = tqdm(total=len(dataset), desc=desc, unit="sample", disable=not progress, leave=False)
     for _, ids, mask in dataset.batches(batch_size):
         ids, mask = ids.to(device), mask.to(device)
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         valid = (mask[:, 1:] * mask[:, :-1]).bool()
-        total += summed_nll(logits, ids, valid)
-        count += int(valid.sum())
+        token_loss = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="none"
+        ).view(valid.shape)
+        losses.nll += token_loss.masked_fill(~valid, 0.0).double().sum(1).tolist()
+        losses.tokens += valid.sum(1).tolist()
         bar.update(ids.shape[0])
     bar.close()
-    return total, count
+    return losses
+
+
+def window_losses(
+    model: nn.Module,
+    dataset: CalibrationSet,
+    removed: Sequence[int] = (),
+    batch_size: int = 8,
+    gate: str = "auto",
+    progress: bool = False,
+) -> WindowLosses:
+    """Each sample's summed next-token loss of ``model`` on ``dataset`` with ``removed`` blocks gated off (α = 0)."""
+    if len(dataset) == 0:
+        raise BlockCBOError("the evaluation set is empty")
+    with frozen_eval(model):
+        if removed:
+            with BlockGates(model, gate=gate) as gates:
+                gates.set_removed(removed)
+                return _window_nll(model, dataset, batch_size, progress, "perplexity")
+        return _window_nll(model, dataset, batch_size, progress, "perplexity")
 
 
 def perplexity(
@@ -62,18 +101,38 @@ def perplexity(
     progress: bool = False,
 ) -> float:
     """Token-weighted perplexity of ``model`` on ``dataset`` with ``removed`` blocks gated off (α = 0)."""
-    if len(dataset) == 0:
-        raise BlockCBOError("the evaluation set is empty")
-    with frozen_eval(model):
-        if removed:
-            with BlockGates(model, gate=gate) as gates:
-                gates.set_removed(removed)
-                total, count = _nll(model, dataset, batch_size, progress, "perplexity")
-        else:
-            total, count = _nll(model, dataset, batch_size, progress, "perplexity")
-    if count == 0:
-        raise BlockCBOError("the evaluation set has no target token")
-    return math.exp(total / count)
+    return window_losses(model, dataset, removed, batch_size, gate, progress).perplexity
+
+
+def paired_ratio_interval(
+    nll_a: Sequence[float],
+    nll_b: Sequence[float],
+    tokens: Sequence[int],
+    draws: int = 4000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """Perplexity ratio a / b on the same samples and its paired-bootstrap interval: the samples are resampled with
+    replacement, the same draw for both, ``draws`` times; returns ``(ratio, low, high)``.
+
+    Args:
+        nll_a, nll_b (`Sequence[float]`): each sample's summed next-token loss (`WindowLosses.nll`) under a and b.
+        tokens (`Sequence[int]`): each sample's number of targets (the same for both).
+        level (`float`, *optional*, defaults to 0.95): the interval's coverage.
+    """
+    a = torch.as_tensor(nll_a, dtype=torch.float64)
+    b = torch.as_tensor(nll_b, dtype=torch.float64)
+    w = torch.as_tensor(tokens, dtype=torch.float64)
+    if not a.shape == b.shape == w.shape or a.numel() == 0:
+        raise BlockCBOError(f"paired samples must match: {a.numel()}, {b.numel()} losses and {w.numel()} counts")
+    if not 0 < level < 1:
+        raise BlockCBOError(f"level must lie between 0 and 1, got {level!r}")
+    ratio = math.exp(float((a - b).sum() / w.sum()))
+    idx = torch.randint(0, a.numel(), (draws, a.numel()), generator=torch.Generator().manual_seed(seed))
+    diff = (a - b)[idx].sum(1) / w[idx].sum(1).clamp_min(1.0)
+    tail = (1 - level) / 2
+    low, high = torch.quantile(diff, torch.tensor([tail, 1 - tail], dtype=torch.float64)).exp().tolist()
+    return ratio, low, high
 
 
 # -- multiple choice ----------------------------------------------------------------------------------------------

@@ -16,7 +16,13 @@ from tqdm.auto import tqdm
 
 from ..data import CalibrationSet
 from ..errors import BlockCBOError
-from ..evaluation.likelihood import multiple_choice_accuracy, perplexity
+from ..evaluation.likelihood import (
+    WindowLosses,
+    multiple_choice_accuracy,
+    paired_ratio_interval,
+    perplexity,
+    window_losses,
+)
 from ..io_utils import atomic_file
 from .scorers import ScoringContext, merged_copy, score
 from .validation import select_by_validation, spearman
@@ -40,6 +46,8 @@ class ComparisonRow:
     repaired_test_ppl: float | None = None
     repair_seconds: float | None = None
     decode_speedup: float | None = None  # measured on a physically pruned copy, over the original
+    test_losses: WindowLosses | None = field(default=None, repr=False)  # each test sample's loss, for intervals
+    vs_cbo: tuple[float, float, float] | None = None  # test ppl / CBO's at this M, 95 % paired-bootstrap interval
 
 
 @dataclass
@@ -60,16 +68,20 @@ class Comparison:
         base_acc = "".join(f", {t} accuracy {self.baseline_accuracy[t]:.3f}" for t in tasks)
         rep_head = " repaired val ppl | repaired test ppl | repair s |" if repaired else ""
         timed = any(r.decode_speedup is not None for r in self.rows)
+        paired = any(r.vs_cbo is not None for r in self.rows)
         lines = [
             f"Unpruned: validation perplexity {self.baseline_validation_ppl:.2f}, test {self.baseline_test_ppl:.2f}"
             f"{base_acc}.",
             "",
             "| M | method | blocks removed | CBO energy | validation ppl | test ppl |"
+            + (" test ppl ÷ CBO's (95 % interval) |" if paired else "")
             + rep_head
             + "".join(f" {t} acc |" for t in tasks)
             + (" decode speed-up (measured) |" if timed else "")
             + " seconds | note |",
-            "| --- | --- | --- | --- | --- | --- |" + " --- |" * (len(tasks) + 3 * repaired + timed) + " --- | --- |",
+            "| --- | --- | --- | --- | --- | --- |"
+            + " --- |" * (len(tasks) + 3 * repaired + timed + paired)
+            + " --- | --- |",
         ]
         for r in self.rows:
             energy = "" if math.isnan(r.energy) else f"{r.energy:.4g}"
@@ -81,13 +93,23 @@ class Comparison:
                     if r.repaired_test_ppl is None
                     else f" {r.repaired_validation_ppl:.2f} | {r.repaired_test_ppl:.2f} | {r.repair_seconds:.1f} |"
                 )
+            versus = ""
+            if paired:
+                versus = " |" if r.vs_cbo is None else " {:.3f} ({:.3f}–{:.3f}) |".format(*r.vs_cbo)
             fast = ""
             if timed:
                 fast = " |" if r.decode_speedup is None else f" {r.decode_speedup:.2f}× |"
             lines.append(
                 f"| {r.num_remove} | {r.method} | {r.blocks} | {energy} | {r.validation_ppl:.2f} | {r.test_ppl:.2f} |"
-                f"{rep}{accs}{fast} {r.seconds:.1f} | {r.note} |"
+                f"{versus}{rep}{accs}{fast} {r.seconds:.1f} | {r.note} |"
             )
+        if paired:
+            lines += [
+                "",
+                "- test ppl ÷ CBO's: each row's test perplexity over CBO's pick at the same M, with a 95 % interval "
+                "from resampling the test samples (the same draw for both); an interval that holds 1 is a "
+                "difference the test set cannot resolve.",
+            ]
         if self.spectra:
             lines.append("")
             for m in sorted(self.spectra):
@@ -102,12 +124,14 @@ class Comparison:
         writer = csv.writer(out)
         writer.writerow(
             ["num_remove", "method", "blocks", "energy", "validation_ppl", "test_ppl"]
+            + ["test_ppl_over_cbo", "test_ppl_over_cbo_low", "test_ppl_over_cbo_high"]
             + ["repaired_validation_ppl", "repaired_test_ppl", "repair_seconds", "decode_speedup", "seconds", "note"]
         )
         for r in self.rows:
             blocks = " ".join(map(str, r.blocks))
             writer.writerow(
                 [r.num_remove, r.method, blocks, r.energy, r.validation_ppl, r.test_ppl]
+                + list(r.vs_cbo or (None, None, None))
                 + [
                     r.repaired_validation_ppl,
                     r.repaired_test_ppl,
@@ -258,7 +282,8 @@ def run_comparison(
             if method == "swm":
                 merged = merged_copy(model, chosen)
                 val = perplexity(merged, validation, batch_size=ctx.batch_size)
-                test_ppl = perplexity(merged, test, batch_size=ctx.batch_size)
+                losses = window_losses(merged, test, batch_size=ctx.batch_size)
+                test_ppl = losses.perplexity
                 accs = accuracy(merged)
                 note = f"window merged into block {chosen.blocks[0] - 1}"
                 speedup = decode_speedup(chosen.blocks, merged)
@@ -270,7 +295,8 @@ def run_comparison(
             else:
                 if val is None:
                     val = perplexity(model, validation, chosen.blocks, batch_size=ctx.batch_size)
-                test_ppl = perplexity(model, test, chosen.blocks, batch_size=ctx.batch_size)
+                losses = window_losses(model, test, chosen.blocks, batch_size=ctx.batch_size)
+                test_ppl = losses.perplexity
                 accs = accuracy(model, chosen.blocks)
                 speedup = decode_speedup(chosen.blocks)
             seconds = time.perf_counter() - start
@@ -278,12 +304,25 @@ def run_comparison(
                 method, num_remove, list(chosen.blocks), chosen.energy, val, test_ppl, seconds, note, accs
             )
             row.decode_speedup = speedup
+            row.test_losses = losses
             if repair_data is not None:
                 if fixed is None:
                     fixed = repaired(model, chosen.blocks)
                 row.repaired_validation_ppl, row.repaired_test_ppl, row.repair_seconds = fixed
             rows.append(row)
+    pair_with_cbo(rows)
     return Comparison(rows, base_val, base_test, base_acc, spectra)
+
+
+def pair_with_cbo(rows: list[ComparisonRow]) -> None:
+    """Set each row's test perplexity over CBO's pick at the same M, with its paired-bootstrap interval (rows
+    without test losses, and every M without a ``cbo`` row, are left without)."""
+    for row in rows:
+        reference = next((r for r in rows if r.method == "cbo" and r.num_remove == row.num_remove), None)
+        if row is reference or reference is None or row.test_losses is None or reference.test_losses is None:
+            continue
+        ours, theirs = reference.test_losses, row.test_losses
+        row.vs_cbo = paired_ratio_interval(theirs.nll, ours.nll, ours.tokens)
 
 
 def write_comparison(comparison: Comparison, output_dir: str | os.PathLike, num_blocks: int) -> list[Path]:
