@@ -62,6 +62,11 @@ def main() -> None:
         "--validation-data", help="validation data for the selection (default: the embedded validation split)"
     )
     parser.add_argument("--gsm8k", action="store_true", help="test on GSM8K chat records too (a third domain)")
+    parser.add_argument(
+        "--no-cbo",
+        action="store_true",
+        help="only the baselines and --states (label a state 'cbo' to stand for a known pick, e.g. from a run cut short)",
+    )
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--validation-samples", default="16,64", help="validation set sizes compared")
     parser.add_argument("--test-samples", type=int, default=16)
@@ -96,7 +101,9 @@ def main() -> None:
 
     cached = Path(args.artifact) if args.artifact else None
     began = time.perf_counter()
-    if cached is not None and cached.exists():
+    if args.no_cbo:
+        artifact = None
+    elif cached is not None and cached.exists():
         artifact = HessianArtifact.load(cached)
     else:
         artifact = calibrate(model, tokenizer, base, source, progress=True, calibration=calibration)
@@ -124,7 +131,7 @@ def main() -> None:
                 flush=True,
             )
 
-    for m in removes:
+    for m in [] if args.no_cbo else removes:
         t0 = time.perf_counter()
         result, records = solve_with_rounds(model, artifact, base.replace(num_remove=m), lambda: calibration)
         ran = [r for r in (records or []) if r["round"] > 0]
