@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Sequence
@@ -31,12 +32,18 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def summed_nll(logits: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor) -> float:
-    """The next-token loss of ``logits`` ``[b, T, V]`` on ``ids``, summed over the ``valid`` ``[b, T-1]`` targets."""
+def row_nll(logits: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The next-token loss of ``logits`` ``[b, T, V]`` on ``ids``, summed per row over the ``valid`` ``[b, T-1]``
+    targets (float64 ``[b]``)."""
     token_loss = F.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="none"
     ).view(valid.shape)
-    return float(token_loss[valid].sum())
+    return token_loss.masked_fill(~valid, 0.0).double().sum(1)
+
+
+def summed_nll(logits: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor) -> float:
+    """The next-token loss of ``logits`` ``[b, T, V]`` on ``ids``, summed over the ``valid`` ``[b, T-1]`` targets."""
+    return float(row_nll(logits, ids, valid).sum())
 
 
 @dataclass
@@ -63,10 +70,7 @@ def _window_nll(model, dataset: CalibrationSet, batch_size: int, progress: bool,
         ids, mask = ids.to(device), mask.to(device)
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         valid = (mask[:, 1:] * mask[:, :-1]).bool()
-        token_loss = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="none"
-        ).view(valid.shape)
-        losses.nll += token_loss.masked_fill(~valid, 0.0).double().sum(1).tolist()
+        losses.nll += row_nll(logits, ids, valid).tolist()
         losses.tokens += valid.sum(1).tolist()
         bar.update(ids.shape[0])
     bar.close()
@@ -84,11 +88,9 @@ def window_losses(
     """Each sample's summed next-token loss of ``model`` on ``dataset`` with ``removed`` blocks gated off (α = 0)."""
     if len(dataset) == 0:
         raise BlockCBOError("the evaluation set is empty")
-    with frozen_eval(model):
+    with frozen_eval(model), BlockGates(model, gate=gate) if removed else contextlib.nullcontext() as gates:
         if removed:
-            with BlockGates(model, gate=gate) as gates:
-                gates.set_removed(removed)
-                return _window_nll(model, dataset, batch_size, progress, "perplexity")
+            gates.set_removed(removed)
         return _window_nll(model, dataset, batch_size, progress, "perplexity")
 
 
