@@ -61,8 +61,19 @@ def main() -> None:
         default=None,
         help="fit every method's repair a second time with this weighting (e.g. uniform) and add its columns",
     )
+    parser.add_argument(
+        "--also-kind",
+        default=None,
+        help="fit every method's repair a second time with this map form where the family folds it (e.g. diagonal "
+        "on Gemma) and add its columns",
+    )
     parser.add_argument("--heal-steps", type=int, default=300, help="0: no distillation rows")
     parser.add_argument("--heal-short", type=int, default=100)
+    parser.add_argument(
+        "--short-arm-only",
+        action="store_true",
+        help="distil only the repaired + short arm (compare with the long arm of an earlier run of the same settings)",
+    )
     parser.add_argument("--heal-lr", type=float, default=1e-4, help="learning rate of both distillation arms")
     parser.add_argument(
         "--heal-short-lr",
@@ -76,6 +87,8 @@ def main() -> None:
     parser.add_argument("--eval-dir", default="eval_data")
     parser.add_argument("--output", default="docs/results")
     args = parser.parse_args()
+    if args.also_weighting and args.also_kind:
+        parser.error("give --also-weighting or --also-kind, not both")
     torch.manual_seed(0)
     model_arg = model_argument(args.model)
     source = resolve_model(model_arg, None)
@@ -114,12 +127,15 @@ def main() -> None:
         row = {"method": method, "blocks": list(blocks), "choose_s": seconds, "note": note}
         for label, test in tests.items():
             row[label] = perplexity(model, test, blocks)
-        arms = [("", config.repair_weighting)] + (
-            [(f" {args.also_weighting}", args.also_weighting)] if args.also_weighting else []
-        )
-        for suffix, weighting in arms:  # the same blocks repaired with each weighting: seconds, perplexities, share
+        arms = [("", config.repair_weighting, None)]
+        arms += [(f" {args.also_weighting}", args.also_weighting, None)] if args.also_weighting else []
+        arms += [(f" {args.also_kind}", config.repair_weighting, args.also_kind)] if args.also_kind else []
+        for suffix, weighting, kind in arms:  # the same blocks repaired each way: seconds, perplexities, share
             began = time.perf_counter()
-            repair = fit_repair(model, blocks, data, config.repair_ridge, config.batch_size, weighting=weighting)
+            repair = fit_repair(
+                model, blocks, data, config.repair_ridge, config.batch_size, weighting=weighting, kind=kind
+            )
+            row[f"kind{suffix}"] = repair.kind
             row[f"repair_s{suffix}"] = time.perf_counter() - began
             with repair.applied(model):
                 for label, test in tests.items():
@@ -168,7 +184,7 @@ def distill(args, model, tokenizer, source, config, selection, tests, unpruned) 
     out = []
     try:
         short_lrs = [float(x) for x in args.heal_short_lr.split(",")] if args.heal_short_lr else [args.heal_lr]
-        arms = [("distilled", False, args.heal_steps, args.heal_lr)]
+        arms = [] if args.short_arm_only else [("distilled", False, args.heal_steps, args.heal_lr)]
         arms += [("repaired + distilled", True, args.heal_short, lr) for lr in short_lrs]
         for label, repaired, steps, lr in arms:
             student = work / f"student_{int(repaired)}"
@@ -204,7 +220,8 @@ def distill(args, model, tokenizer, source, config, selection, tests, unpruned) 
 def write(args, rows, heal_rows, unpruned, tests) -> None:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"repair_{args.model}_m{args.remove}" + (f"_{args.also_weighting}" if args.also_weighting else "")
+    also = args.also_weighting or args.also_kind
+    name = f"repair_{args.model}_m{args.remove}" + (f"_{also}" if also else "")
     if args.repair_data:
         name += "_fit_" + "+".join(Path(s).stem for s in args.repair_data.split(",") if s)
     if args.heal_short_lr:
@@ -220,6 +237,7 @@ def write(args, rows, heal_rows, unpruned, tests) -> None:
         + (f" --cbo-blocks {args.cbo_blocks}" if args.cbo_blocks else "")
         + (f" --weighting {args.weighting}" if args.weighting else "")
         + (f" --also-weighting {args.also_weighting}" if args.also_weighting else "")
+        + (f" --also-kind {args.also_kind}" if args.also_kind else "")
         + (f" --repair-data {args.repair_data}" if args.repair_data else "")
         + (f" --heal-short-lr {args.heal_short_lr}" if args.heal_short_lr else "")
         + " --eval-dir eval_data`",
@@ -227,13 +245,15 @@ def write(args, rows, heal_rows, unpruned, tests) -> None:
         "Unpruned test perplexity: " + ", ".join(f"{k} {v:.2f}" for k, v in unpruned.items()) + ".",
         "",
     ]
-    also = args.also_weighting
     weighting = args.weighting or BlockRemovalConfig().repair_weighting
-    if also:
+    if args.also_weighting:
         lines += [
             f"Repaired: {weighting} token weights; the `{also}` columns refit the same blocks with {also} ones.",
             "",
         ]
+    elif also:
+        kind = rows[0].get("kind", "the family's")
+        lines += [f"Repaired: `{kind}` maps; the `{also}` columns refit the same blocks with `{also}` maps.", ""]
     lines += [
         "| method | blocks | "
         + " | ".join(

@@ -58,7 +58,7 @@ def test_every_family_folds_its_repair_and_reloads_in_plain_transformers(tmp_pat
         model = make_model(_config(family))
         repair = fit_repair(model, REMOVED, calibration, ridge=1e-3)
         assert [(m.start, m.stop) for m in repair.maps] == [(1, 2), (3, 5)]
-        assert repair.kind == ("diagonal" if family.startswith("gemma") else "linear")
+        assert repair.kind == ("renormalised" if family.startswith("gemma") else "linear")
         assert all(m.error_after <= m.error_before + 1e-9 for m in repair.maps), family
         with BlockGates(model) as gates, torch.no_grad():
             gates.set_removed(REMOVED)
@@ -345,22 +345,25 @@ def test_the_weighting_is_a_flag_of_every_repairing_verb(capsys):
         assert "invalid choice: 'l2'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("kind", ["rotation", "renormalised"])
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])
-def test_the_rotation_variant_folds_before_the_post_norm(family, monkeypatch):
-    """x̂(y·R)·s with R orthogonal: R folds into the MLP's down projection, s into the post-norm; equal to the hooks."""
+def test_the_maps_before_the_post_norm_fold_into_the_mlp_and_the_norm(family, kind, monkeypatch):
+    """x̂(y·A)·s (rotation: A orthogonal; renormalised: any A): A folds into the MLP's down projection, s into the
+    post-norm; the folded model equals the hooks."""
     import dataclasses
 
     import hf_blockcbo.surgery.architectures.registry as registry
     from hf_blockcbo.surgery.architectures import get_architecture
 
     model = make_model(_config(family))
-    rotation = dataclasses.replace(get_architecture(model), repair="rotation")
-    for model_type in rotation.model_types:
-        monkeypatch.setitem(registry._REGISTRY, model_type, rotation)
+    spec = dataclasses.replace(get_architecture(model), repair=kind)
+    for model_type in spec.model_types:
+        monkeypatch.setitem(registry._REGISTRY, model_type, spec)
     repair = fit_repair(model, REMOVED, _random_calibration(), ridge=0.3)
-    assert [m.kind for m in repair.maps] == ["rotation", "rotation"]
+    assert [m.kind for m in repair.maps] == [kind, kind]
     for m in repair.maps:
-        torch.testing.assert_close(m.matrix.t() @ m.matrix, torch.eye(32, dtype=torch.float64), rtol=0, atol=1e-8)
+        if kind == "rotation":
+            torch.testing.assert_close(m.matrix.t() @ m.matrix, torch.eye(32, dtype=torch.float64), rtol=0, atol=1e-8)
         assert m.error_after <= m.error_before
     ids = torch.tensor(PROMPT)
     with BlockGates(model) as gates, torch.no_grad():
@@ -387,3 +390,39 @@ def test_the_callback_refuses_repair_data():
 
     with pytest.raises(BlockCBOError, match="leave it unset here"):
         BlockRemovalCallback(BlockRemovalConfig(repair=True, repair_data="other.txt"))
+
+
+def test_the_renormalised_map_carries_a_linear_map_behind_the_norm():
+    """Residuals made exactly as u·T with T = diag(1/γ)·Q·diag(s*) (Q orthogonal), which x̂(y·A)·s can express while
+    the start A = diag(γ)·T, with its scale in closed form, does not: the fit drives the error to ~0."""
+    from hf_blockcbo.repair.least_squares import _Normal, _rms_normalise, _solve_renormalised
+
+    gen = torch.Generator().manual_seed(0)
+    d, n, eps = 8, 600, 1e-6
+    y = torch.randn(n, d, generator=gen, dtype=torch.float64) * torch.linspace(0.5, 3.0, d, dtype=torch.float64)
+    gamma = 0.5 + torch.rand(d, generator=gen, dtype=torch.float64)
+    rotation = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))[0]
+    scale_true = 0.2 + 2 * torch.rand(d, generator=gen, dtype=torch.float64)
+    u = _rms_normalise(y, eps).double() * gamma
+    r = u @ (torch.diag(1 / gamma) @ rotation @ torch.diag(scale_true))
+    normal = _Normal(uu=u.t() @ u, ur=u.t() @ r, rr=float(r.pow(2).sum()))
+    start = _solve_renormalised(normal, y.float(), r.float(), torch.ones(n, 1), gamma, eps, ridge=0.0, steps=0)
+    A, scale, before, after = _solve_renormalised(
+        normal, y.float(), r.float(), torch.ones(n, 1), gamma, eps, ridge=0.0, steps=200
+    )
+    assert start[3] > 1e-3 * before  # the start alone is off
+    assert after < 1e-5 * before
+    fitted = _rms_normalise(y.float() @ A.float(), eps) * scale.float()
+    torch.testing.assert_close(fitted, r.float(), rtol=0, atol=1e-3)
+
+
+def test_a_map_form_is_taken_only_where_the_family_folds_it():
+    """`kind` overrides the registry's form within the forms a family folds; anything else is one clear error."""
+    llama = make_model(_config("llama"))
+    with pytest.raises(BlockCBOError, match="'renormalised' repair map does not fold into the 'llama'.*takes linear"):
+        fit_repair(llama, REMOVED, _random_calibration(), kind="renormalised")
+    gemma = make_model(_config("gemma3"))
+    with pytest.raises(BlockCBOError, match="'linear' repair map does not fold into the 'gemma'.*diagonal"):
+        fit_repair(gemma, REMOVED, _random_calibration(), kind="linear")
+    diagonal = fit_repair(gemma, REMOVED, _random_calibration(), kind="diagonal")
+    assert diagonal.kind == "diagonal" and [m.matrix.dim() for m in diagonal.maps] == [1, 1]

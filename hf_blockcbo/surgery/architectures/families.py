@@ -91,11 +91,12 @@ register_architecture(
         model_types=("gemma2", "gemma3", "gemma3_text"),
         layers_path="model.layers",
         branches=("post_attention_layernorm", "post_feedforward_layernorm"),
-        repair="diagonal",  # measured better than "rotation" on held-out text (docs/results.md §3)
+        repair="renormalised",  # measured better than "diagonal" and "rotation" on held-out text (docs/results.md §3)
         norm_weight_offset=1.0,
         post_norm_input="mlp",
-        notes="branches end in post-norms: the gates scale the post-norm outputs; a repair map is a diagonal scale "
-        "folded into the post-norm (`rotation` available); sliding/full layer_types sliced",
+        notes="branches end in post-norms: the gates scale the post-norm outputs; a repair map is a d×d map folded "
+        "into the MLP before the post-norm plus a scale in the norm (`diagonal`, `rotation` available); "
+        "sliding/full layer_types sliced",
     )
 )
 

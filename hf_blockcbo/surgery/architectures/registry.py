@@ -42,9 +42,10 @@ class ArchitectureSpec:
         repair (`str`, *optional*, defaults to `"linear"`): how a training-free repair map folds into the last
             branch before a gap: `linear` (a d×d map into the branch's output projection / experts), `diagonal` (a
             scale into a post-norm's weight, for branches ending in a norm), `rotation` (an orthogonal map folded before the
-            post-norm, which it commutes with, and a scale folded into the norm) or `none` (repair refused).
+            post-norm, which it commutes with, and a scale folded into the norm), `renormalised` (any d×d map folded
+            before the post-norm and a scale into the norm, fitted with the norm in the loss) or `none` (refused).
         norm_weight_offset (`float`, *optional*, defaults to 0): the norm computes `x̂·(offset + weight)` (Gemma: 1).
-        post_norm_input (`str`, *optional*): for `repair="rotation"`, the block submodule whose output the last
+        post_norm_input (`str`, *optional*): for `repair="rotation"` or `"renormalised"`, the block submodule whose output the last
             post-norm normalises (Gemma: `mlp`); the rotation folds into its output projection, the scale into the
             norm.
     """
