@@ -226,6 +226,8 @@ def write(args, rows, heal_rows, unpruned, tests) -> None:
         name += "_fit_" + "+".join(Path(s).stem for s in args.repair_data.split(",") if s)
     if args.heal_short_lr:
         name += "_short_lr_" + args.heal_short_lr.replace(",", "_")
+    if args.short_arm_only and args.heal_steps:
+        name += "_short_arm"
     labels = list(tests)
     lines = [
         f"# Training-free repair: {args.model}, M = {args.remove}",
@@ -240,6 +242,7 @@ def write(args, rows, heal_rows, unpruned, tests) -> None:
         + (f" --also-kind {args.also_kind}" if args.also_kind else "")
         + (f" --repair-data {args.repair_data}" if args.repair_data else "")
         + (f" --heal-short-lr {args.heal_short_lr}" if args.heal_short_lr else "")
+        + (" --short-arm-only" if args.short_arm_only else "")
         + " --eval-dir eval_data`",
         "",
         "Unpruned test perplexity: " + ", ".join(f"{k} {v:.2f}" for k, v in unpruned.items()) + ".",

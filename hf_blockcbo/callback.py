@@ -166,6 +166,7 @@ class BlockRemovalCallback(TrainerCallback):
                 self.config.repair_ridge,
                 gate=self.config.gate,
                 weighting=self.config.repair_weighting,
+                kind=self.config.repair_kind,
             )
             repair.fold_into(model)
             self.repair = repair.to_dict()

@@ -17,6 +17,8 @@ CONFIG_NAME = "block_removal_config.json"
 
 # how the repair weighs each calibration token's fit error (`repair_weighting`, used by repair/least_squares.py)
 REPAIR_WEIGHTINGS = ("uniform", "relative")
+# the form of the repair map (`repair_kind`): `auto` is the architecture registry's choice for the family
+REPAIR_KIND_CHOICES = ("auto", "linear", "diagonal", "rotation", "renormalised")
 
 
 @dataclass
@@ -167,6 +169,15 @@ class BlockRemovalConfig:
         },
     )
 
+    repair_kind: str = field(
+        default="auto",
+        metadata={
+            "help": "repair: the map's form. `auto`: the family's (a d×d map; behind a post-norm, as in Gemma, "
+            "`renormalised`). Post-norm families also take `diagonal`: a scale per channel, a weaker repair but a "
+            "better start for distillation on Gemma-3-270M (docs/results.md §3)."
+        },
+    )
+
     def __post_init__(self) -> None:
         self._check_types()
         for name in ("num_samples", "seq_len", "batch_size", "top_k"):
@@ -235,6 +246,10 @@ class BlockRemovalConfig:
             ("repair_data", "repair_samples"),
         ):
             self._check_sources(name, count)
+        if self.repair_kind not in REPAIR_KIND_CHOICES:
+            raise BlockCBOError(
+                f"repair_kind must be one of {', '.join(REPAIR_KIND_CHOICES)}, got {self.repair_kind!r}"
+            )
         if self.repair_weighting not in REPAIR_WEIGHTINGS:
             raise BlockCBOError(
                 f"repair_weighting must be one of {', '.join(REPAIR_WEIGHTINGS)}, got {self.repair_weighting!r}"

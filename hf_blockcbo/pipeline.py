@@ -250,7 +250,7 @@ def choose_blocks(
     if config.repair:  # refuse a family that cannot fold before any expensive work
         from .repair.least_squares import check_repairable
 
-        check_repairable(model, config.blocks or [])
+        check_repairable(model, config.blocks or [], kind=config.repair_kind)
     explicit = _explicit_selection(config, candidates_file, model)
     if explicit is not None:
         return explicit, artifact
@@ -339,6 +339,7 @@ def repaired_candidate(model: nn.Module, tokenizer, config: BlockRemovalConfig):
         config.batch_size,
         config.gate,
         config.repair_weighting,
+        config.repair_kind,
     )
 
 
@@ -356,6 +357,7 @@ def repair_model(model: nn.Module, tokenizer, config: BlockRemovalConfig, blocks
         config.gate,
         progress,
         weighting=config.repair_weighting,
+        kind=config.repair_kind,
     )
     repair.fold_into(model)
     return repair.to_dict()
@@ -385,7 +387,7 @@ def prune_and_save(
     if config.repair:
         from .repair.least_squares import check_repairable
 
-        check_repairable(model, selection.blocks)
+        check_repairable(model, selection.blocks, kind=config.repair_kind)
     if selection.merge_into is not None:
         merge_window(model, selection.merge_into, selection.blocks)
     repair = repair_model(model, tokenizer, config, selection.blocks, progress) if config.repair else None

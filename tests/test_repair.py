@@ -426,3 +426,26 @@ def test_a_map_form_is_taken_only_where_the_family_folds_it():
         fit_repair(gemma, REMOVED, _random_calibration(), kind="linear")
     diagonal = fit_repair(gemma, REMOVED, _random_calibration(), kind="diagonal")
     assert diagonal.kind == "diagonal" and [m.matrix.dim() for m in diagonal.maps] == [1, 1]
+
+
+def test_the_map_form_is_a_setting_of_every_repairing_verb_and_is_checked_before_the_selection(
+    tiny_model_dir, tmp_path, capsys
+):
+    """`repair_kind` reaches the CLI with its choices; a form the family cannot fold fails in one line before any
+    selection work, and writes nothing."""
+    from hf_blockcbo.commands.cli import build_parser
+
+    with pytest.raises(BlockCBOError, match="repair_kind must be one of auto, linear, diagonal, rotation, renorm"):
+        BlockRemovalConfig(repair_kind="affine")
+    assert BlockRemovalConfig.from_dict(BlockRemovalConfig(repair_kind="diagonal").to_dict()).repair_kind == "diagonal"
+    parser = build_parser()
+    for verb, required in (("prune", ["--output", "o"]), ("compare", ["--remove", "2", "--output-dir", "o"])):
+        assert (
+            parser.parse_args([verb, "--model", "m", *required, "--repair-kind", "diagonal"]).repair_kind == "diagonal"
+        )
+    out = tmp_path / "pruned"
+    args = ["prune", "--model", str(tiny_model_dir), "--remove", "2", "--repair", "--seq-len", "24", "--no-progress"]
+    assert main([*args, "--repair-kind", "renormalised", "--output", str(out)]) != 0
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # beside the loading bar
+    assert len(errors) == 1 and "'renormalised' repair map does not fold" in errors[0], errors
+    assert "takes linear" in errors[0] and not out.exists()

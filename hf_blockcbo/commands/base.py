@@ -74,7 +74,15 @@ GROUPS = {
         "measured_round_trigger",
     ),
     "choice": ("scorer", "rank", "blocks"),
-    "repair": ("repair", "repair_aware", "repair_samples", "repair_data", "repair_ridge", "repair_weighting"),
+    "repair": (
+        "repair",
+        "repair_aware",
+        "repair_samples",
+        "repair_data",
+        "repair_ridge",
+        "repair_weighting",
+        "repair_kind",
+    ),
 }
 _CHOICES = {
     "dtype": ("auto", "float32", "bfloat16", "float16"),
@@ -150,7 +158,7 @@ def add_config_flags(
 
     Flags default to None (not given), so a `--config` file's values survive unless a flag overrides them.
     """
-    from ..config import REPAIR_WEIGHTINGS, BlockRemovalConfig
+    from ..config import REPAIR_KIND_CHOICES, REPAIR_WEIGHTINGS, BlockRemovalConfig
 
     choices = dict(_CHOICES)
     if "curvature" in GROUPS[group]:
@@ -159,6 +167,7 @@ def add_config_flags(
         choices["curvature"] = tuple(available_curvatures())
     if "repair_weighting" in GROUPS[group]:
         choices["repair_weighting"] = REPAIR_WEIGHTINGS
+        choices["repair_kind"] = REPAIR_KIND_CHOICES
     names = [n for n in GROUPS[group] if n not in exclude]
     add_dataclass_flags(parser.add_argument_group(group), BlockRemovalConfig, names, FLAG_NAMES, required, choices)
 

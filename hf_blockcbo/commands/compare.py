@@ -104,7 +104,7 @@ class CompareCommand(BaseCommand):
             from ..data import repair_samples
             from ..repair.least_squares import check_repairable
 
-            check_repairable(model, [])
+            check_repairable(model, [], kind=config.repair_kind)
             repair_data = repair_samples(tokenizer, config)
         comparison = run_comparison(
             ctx,
@@ -119,6 +119,7 @@ class CompareCommand(BaseCommand):
             repair_data=repair_data,
             repair_ridge=config.repair_ridge,
             repair_weighting=config.repair_weighting,
+            repair_kind=config.repair_kind,
             harness_tasks=harness_tasks,
             harness_limit=args.mc_limit,
             speed=args.speed,

@@ -157,6 +157,7 @@ def run_comparison(
     repair_data: CalibrationSet | None = None,
     repair_ridge: float = 0.3,
     repair_weighting: str = "uniform",
+    repair_kind: str = "auto",
     harness_tasks: list[str] | None = None,
     harness_limit: int | None = None,
     speed: bool = False,
@@ -179,7 +180,14 @@ def run_comparison(
         began = time.perf_counter()
         try:
             fitted = fit_repair(
-                target, blocks, repair_data, repair_ridge, ctx.batch_size, gate, weighting=repair_weighting
+                target,
+                blocks,
+                repair_data,
+                repair_ridge,
+                ctx.batch_size,
+                gate,
+                weighting=repair_weighting,
+                kind=repair_kind,
             )
         except BlockCBOError as err:
             logger.warning("no repair for blocks %s: %s", list(blocks), err)
@@ -244,7 +252,9 @@ def run_comparison(
                         validation,
                         ctx.batch_size,
                         progress=False,
-                        prepare=repair_aware(model, repair_data, repair_ridge, ctx.batch_size, gate, repair_weighting),
+                        prepare=repair_aware(
+                            model, repair_data, repair_ridge, ctx.batch_size, gate, repair_weighting, repair_kind
+                        ),
                         metric=metric,
                     )
                     row = ComparisonRow(
