@@ -186,8 +186,8 @@ def distill(args, model, tokenizer, source, config, selection, tests, unpruned) 
         short_lrs = [float(x) for x in args.heal_short_lr.split(",")] if args.heal_short_lr else [args.heal_lr]
         arms = [] if args.short_arm_only else [("distilled", False, args.heal_steps, args.heal_lr)]
         arms += [("repaired + distilled", True, args.heal_short, lr) for lr in short_lrs]
-        for label, repaired, steps, lr in arms:
-            student = work / f"student_{int(repaired)}"
+        for arm, (label, repaired, steps, lr) in enumerate(arms):  # one folder per arm: two rates, two students
+            student = work / f"student_{arm}"
             began = time.perf_counter()
             prune_and_save(
                 copy.deepcopy(model), tokenizer, selection, student, source, config.replace(repair=repaired)
@@ -203,9 +203,9 @@ def distill(args, model, tokenizer, source, config, selection, tests, unpruned) 
                 warmup_steps=max(1, steps // 10),
             )
             began = time.perf_counter()
-            heal(student, teacher, None, work / f"healed_{int(repaired)}", heal_args, eval_samples=8)
+            heal(student, teacher, None, work / f"healed_{arm}", heal_args, eval_samples=8)
             heal_s = time.perf_counter() - began
-            healed = AutoModelForCausalLM.from_pretrained(work / f"healed_{int(repaired)}").eval()
+            healed = AutoModelForCausalLM.from_pretrained(work / f"healed_{arm}").eval()
             row = {"method": f"cbo {label} ({steps} steps, lr {lr:g})", "prepare_s": prepare_s, "heal_s": heal_s}
             for name, test in tests.items():
                 row[name] = perplexity(healed, test)
