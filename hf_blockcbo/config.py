@@ -17,8 +17,10 @@ CONFIG_NAME = "block_removal_config.json"
 
 # how the repair weighs each calibration token's fit error (`repair_weighting`, used by repair/least_squares.py)
 REPAIR_WEIGHTINGS = ("uniform", "relative")
-# the form of the repair map (`repair_kind`): `auto` is the architecture registry's choice for the family
-REPAIR_KIND_CHOICES = ("auto", "linear", "diagonal", "rotation", "renormalised")
+# the forms a repair map can take (the registry's `repair` per family; repair/least_squares.py fits each), and the
+# `repair_kind` setting's choices: `auto` is the architecture registry's choice for the family
+REPAIR_KINDS = ("linear", "diagonal", "rotation", "renormalised")
+REPAIR_KIND_CHOICES = ("auto", *REPAIR_KINDS)
 
 
 @dataclass

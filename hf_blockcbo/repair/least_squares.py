@@ -46,7 +46,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import REPAIR_WEIGHTINGS
+from ..config import REPAIR_KINDS, REPAIR_WEIGHTINGS
 from ..data import CalibrationSet
 from ..errors import BlockCBOError
 from ..hessian.gradients import frozen_eval
@@ -54,7 +54,6 @@ from ..surgery.architectures import ArchitectureSpec, get_architecture, get_laye
 from ..surgery.gates import BlockGates
 
 
-REPAIR_KINDS = ("linear", "diagonal", "rotation", "renormalised")
 _BEFORE_THE_NORM = ("rotation", "renormalised")  # a map folded before a post-norm, plus the norm's scale
 _OUTPUT_PROJECTIONS = ("down_proj", "dense_4h_to_h", "c_proj", "out_proj", "o_proj", "fc2")
 _SHARED_EXPERTS = ("shared_expert", "shared_experts")
@@ -582,11 +581,11 @@ def fit_repair(
                     bar.update(ids.shape[0])
             targets[j] = []
             scale = None
-            if run_kind == "rotation":
+            if run_kind in _BEFORE_THE_NORM:  # the post-norm's own scale γ: where the fit starts
                 gamma = module.weight.detach().double().cpu() + spec.norm_weight_offset
+            if run_kind == "rotation":
                 matrix, scale, before, after = _solve_rotation(normal, gamma, ridge)
             elif run_kind == "renormalised":
-                gamma = module.weight.detach().double().cpu() + spec.norm_weight_offset
                 rows = [torch.cat(cached[key]) for key in ("y", "r", "w")]
                 matrix, scale, before, after = _solve_renormalised(normal, *rows, gamma, _norm_eps(module), ridge)
             else:
