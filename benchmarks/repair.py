@@ -15,8 +15,11 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import dataclasses
 import json
+import shlex
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -43,7 +46,7 @@ def main() -> None:
     parser.add_argument(
         "--validation-samples", type=int, default=64, help="validation windows for selection (the README's)"
     )
-    parser.add_argument("--repair-samples", type=int, default=64)
+    parser.add_argument("--repair-samples", type=int, default=BlockRemovalConfig.repair_samples)
     parser.add_argument("--measured-samples", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--ridge", type=float, default=None, help="default: the config's repair_ridge")
@@ -127,14 +130,15 @@ def main() -> None:
         row = {"method": method, "blocks": list(blocks), "choose_s": seconds, "note": note}
         for label, test in tests.items():
             row[label] = perplexity(model, test, blocks)
-        arms = [("", config.repair_weighting, None)]
-        arms += [(f" {args.also_weighting}", args.also_weighting, None)] if args.also_weighting else []
-        arms += [(f" {args.also_kind}", config.repair_weighting, args.also_kind)] if args.also_kind else []
-        for suffix, weighting, kind in arms:  # the same blocks repaired each way: seconds, perplexities, share
+        settings = config.repair_settings
+        arms = [("", settings)]
+        if args.also_weighting:
+            arms.append((f" {args.also_weighting}", dataclasses.replace(settings, weighting=args.also_weighting)))
+        if args.also_kind:
+            arms.append((f" {args.also_kind}", dataclasses.replace(settings, kind=args.also_kind)))
+        for suffix, arm in arms:  # the same blocks repaired each way: seconds, perplexities, share
             began = time.perf_counter()
-            repair = fit_repair(
-                model, blocks, data, config.repair_ridge, config.batch_size, weighting=weighting, kind=kind
-            )
+            repair = fit_repair(model, blocks, data, arm, config.batch_size)
             row[f"kind{suffix}"] = repair.kind
             row[f"repair_s{suffix}"] = time.perf_counter() - began
             with repair.applied(model):
@@ -226,24 +230,17 @@ def write(args, rows, heal_rows, unpruned, tests) -> None:
         name += "_fit_" + "+".join(Path(s).stem for s in args.repair_data.split(",") if s)
     if args.heal_short_lr:
         name += "_short_lr_" + args.heal_short_lr.replace(",", "_")
+    if args.ridge is not None:
+        name += f"_ridge_{args.ridge:g}"
+    if args.repair_samples != BlockRemovalConfig.repair_samples:
+        name += f"_repair_samples_{args.repair_samples}"
     if args.short_arm_only and args.heal_steps:
         name += "_short_arm"
     labels = list(tests)
     lines = [
         f"# Training-free repair: {args.model}, M = {args.remove}",
         "",
-        "Command: `python benchmarks/repair.py "
-        + f"--model {args.model} --remove {args.remove} --top-k {args.top_k} "
-        + f"--validation-samples {args.validation_samples} --heal-steps {args.heal_steps} --heal-lr {args.heal_lr:g} "
-        + f"--methods '{args.methods}'"
-        + (f" --cbo-blocks {args.cbo_blocks}" if args.cbo_blocks else "")
-        + (f" --weighting {args.weighting}" if args.weighting else "")
-        + (f" --also-weighting {args.also_weighting}" if args.also_weighting else "")
-        + (f" --also-kind {args.also_kind}" if args.also_kind else "")
-        + (f" --repair-data {args.repair_data}" if args.repair_data else "")
-        + (f" --heal-short-lr {args.heal_short_lr}" if args.heal_short_lr else "")
-        + (" --short-arm-only" if args.short_arm_only else "")
-        + " --eval-dir eval_data`",
+        f"Command: `python benchmarks/repair.py {shlex.join(sys.argv[1:])}`",
         "",
         "Unpruned test perplexity: " + ", ".join(f"{k} {v:.2f}" for k, v in unpruned.items()) + ".",
         "",

@@ -159,15 +159,7 @@ class BlockRemovalCallback(TrainerCallback):
         if self.config.repair:  # fitted on the Hessian pass's samples, folded before the cut
             from .repair.least_squares import fit_repair
 
-            repair = fit_repair(
-                model,
-                blocks,
-                self.calibration,
-                self.config.repair_ridge,
-                gate=self.config.gate,
-                weighting=self.config.repair_weighting,
-                kind=self.config.repair_kind,
-            )
+            repair = fit_repair(model, blocks, self.calibration, self.config.repair_settings, gate=self.config.gate)
             repair.fold_into(model)
             self.repair = repair.to_dict()
         before = {id(p) for p in model.parameters()}

@@ -23,6 +23,36 @@ REPAIR_KINDS = ("linear", "diagonal", "rotation", "renormalised")
 REPAIR_KIND_CHOICES = ("auto", *REPAIR_KINDS)
 
 
+@dataclass(frozen=True)
+class RepairSettings:
+    """How the repair maps are fitted: the `repair_*` knobs of `BlockRemovalConfig` other than the data, as the one
+    object `fit_repair`, repair-aware selection, `compare`, the pipeline and the callback pass down (a new knob is a
+    field here, on the config and in `fit_repair`, and no call site between them).
+
+    Args:
+        ridge (`float`, *optional*, defaults to 0.3): λ relative to the mean of diag(UᵀU); it shrinks the map towards
+            the identity (no repair). 0.3 repaired held-out text of another domain best on SmolLM2 (docs/results.md).
+        weighting (`str`, *optional*, defaults to ``"uniform"``): ``"uniform"`` weighs every token's error alike,
+            ``"relative"`` by d / ‖g‖² (its target's scale); see repair/least_squares.py and docs/results.md §3.
+        kind (`str`, *optional*, defaults to ``"auto"``): the map's form, where the family folds it (post-norm
+            families: ``renormalised``, ``diagonal`` or ``rotation``); ``"auto"``: the architecture registry's choice.
+    """
+
+    ridge: float = 0.3
+    weighting: str = "uniform"
+    kind: str = "auto"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)) or not self.ridge >= 0:
+            raise BlockCBOError(f"repair_ridge must be a number >= 0, got {self.ridge!r}")
+        if self.weighting not in REPAIR_WEIGHTINGS:
+            raise BlockCBOError(
+                f"repair_weighting must be one of {', '.join(REPAIR_WEIGHTINGS)}, got {self.weighting!r}"
+            )
+        if self.kind not in REPAIR_KIND_CHOICES:
+            raise BlockCBOError(f"repair_kind must be one of {', '.join(REPAIR_KIND_CHOICES)}, got {self.kind!r}")
+
+
 @dataclass
 class BlockRemovalConfig:
     """Settings of a block-removal run: which model, which calibration data, which solver, which blocks.
@@ -160,10 +190,11 @@ class BlockRemovalConfig:
         },
     )
     repair_ridge: float = field(
-        default=0.3, metadata={"help": "repair: ridge towards no repair, relative to the mean activation power."}
+        default=RepairSettings.ridge,
+        metadata={"help": "repair: ridge towards no repair, relative to the mean activation power."},
     )
     repair_weighting: str = field(
-        default="uniform",
+        default=RepairSettings.weighting,
         metadata={
             "help": "repair: `uniform` least squares, or `relative`: each token's fit error divided by its "
             "stream's scale (the attention sink no longer dominates the fit; helped a gap after a massive-activation "
@@ -172,7 +203,7 @@ class BlockRemovalConfig:
     )
 
     repair_kind: str = field(
-        default="auto",
+        default=RepairSettings.kind,
         metadata={
             "help": "repair: the map's form. `auto`: the family's (a d×d map; behind a post-norm, as in Gemma, "
             "`renormalised`). Post-norm families also take `diagonal`: a scale per channel, a weaker repair but a "
@@ -240,22 +271,13 @@ class BlockRemovalConfig:
             or self.repair_samples <= 0
         ):
             raise BlockCBOError(f"repair_samples must be a positive integer, got {self.repair_samples!r}")
-        if not isinstance(self.repair_ridge, (int, float)) or not self.repair_ridge >= 0:
-            raise BlockCBOError(f"repair_ridge must be a number >= 0, got {self.repair_ridge!r}")
+        self.repair_settings  # noqa: B018 (building it checks ridge, weighting and kind)
         for name, count in (
             ("data", "num_samples"),
             ("validation_data", "validation_samples"),
             ("repair_data", "repair_samples"),
         ):
             self._check_sources(name, count)
-        if self.repair_kind not in REPAIR_KIND_CHOICES:
-            raise BlockCBOError(
-                f"repair_kind must be one of {', '.join(REPAIR_KIND_CHOICES)}, got {self.repair_kind!r}"
-            )
-        if self.repair_weighting not in REPAIR_WEIGHTINGS:
-            raise BlockCBOError(
-                f"repair_weighting must be one of {', '.join(REPAIR_WEIGHTINGS)}, got {self.repair_weighting!r}"
-            )
         if self.blocks is not None and self.rank is not None:
             raise BlockCBOError("`blocks` names the blocks and `rank` picks a state of the spectrum: give one of them")
         if self.blocks is not None and self.num_remove is not None and len(set(self.blocks)) != self.num_remove:
@@ -308,6 +330,11 @@ class BlockRemovalConfig:
                 f"{name} names {len(sources)} sources but {count_name} is {count}: give each source at least one "
                 "window"
             )
+
+    @property
+    def repair_settings(self) -> RepairSettings:
+        """How the repair maps are fitted (ridge, weighting, kind), checked."""
+        return RepairSettings(self.repair_ridge, self.repair_weighting, self.repair_kind)
 
     @property
     def repair_sources(self) -> list[str]:

@@ -333,13 +333,7 @@ def repaired_candidate(model: nn.Module, tokenizer, config: BlockRemovalConfig):
     from .repair.least_squares import repair_aware
 
     return repair_aware(
-        model,
-        repair_samples(tokenizer, config),
-        config.repair_ridge,
-        config.batch_size,
-        config.gate,
-        config.repair_weighting,
-        config.repair_kind,
+        model, repair_samples(tokenizer, config), config.repair_settings, config.batch_size, config.gate
     )
 
 
@@ -352,12 +346,10 @@ def repair_model(model: nn.Module, tokenizer, config: BlockRemovalConfig, blocks
         model,
         blocks,
         repair_samples(tokenizer, config),
-        config.repair_ridge,
+        config.repair_settings,
         config.batch_size,
         config.gate,
         progress,
-        weighting=config.repair_weighting,
-        kind=config.repair_kind,
     )
     repair.fold_into(model)
     return repair.to_dict()

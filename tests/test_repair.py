@@ -1,13 +1,14 @@
 """Training-free repair: least-squares maps per removed run, folded into the weights of every registered family."""
 
 import json
+import re
 
 import pytest
 import torch
 from torch import nn
 
 from hf_blockcbo.commands.cli import main
-from hf_blockcbo.config import BlockRemovalConfig
+from hf_blockcbo.config import BlockRemovalConfig, RepairSettings
 from hf_blockcbo.data import CalibrationSet
 from hf_blockcbo.errors import BlockCBOError
 from hf_blockcbo.evaluation.likelihood import perplexity
@@ -56,7 +57,7 @@ def test_every_family_folds_its_repair_and_reloads_in_plain_transformers(tmp_pat
     expected, paths = {}, {}
     for family in FAMILIES:
         model = make_model(_config(family))
-        repair = fit_repair(model, REMOVED, calibration, ridge=1e-3)
+        repair = fit_repair(model, REMOVED, calibration, RepairSettings(ridge=1e-3))
         assert [(m.start, m.stop) for m in repair.maps] == [(1, 2), (3, 5)]
         assert repair.kind == ("renormalised" if family.startswith("gemma") else "linear")
         assert all(m.error_after <= m.error_before + 1e-9 for m in repair.maps), family
@@ -98,7 +99,7 @@ def _linear_first_block_model():
 def test_a_block_whose_branch_is_linear_is_repaired_exactly(weighting):
     model = _linear_first_block_model()
     calibration = _random_calibration(num=16, length=32)
-    repair = fit_repair(model, [0], calibration, ridge=0.0, weighting=weighting)
+    repair = fit_repair(model, [0], calibration, RepairSettings(ridge=0.0, weighting=weighting))
     (only,) = repair.maps
     assert only.source == -1 and only.error_before > 0.1 and only.error_after < 1e-10
     expected = torch.eye(32, dtype=torch.float64) + model.model.layers[0].mlp.weight.double().t()
@@ -147,7 +148,7 @@ def test_the_fit_is_the_weighted_ridge_solution(weighting):
     ids[:, 0] = 7
     calibration = CalibrationSet(ids, torch.ones_like(ids), "random with a sink token")
     ridge = 0.05
-    fitted = fit_repair(model, [2], calibration, ridge=ridge, weighting=weighting)
+    fitted = fit_repair(model, [2], calibration, RepairSettings(ridge, weighting))
     u, h, g = _streams_around_block_2(model, calibration)
     w = 32.0 / g.pow(2).sum(-1, keepdim=True) if weighting == "relative" else torch.ones(len(g), 1, dtype=g.dtype)
     uwu, uwr = (u * w).t() @ u, (u * w).t() @ (g - h + u)
@@ -158,7 +159,7 @@ def test_the_fit_is_the_weighted_ridge_solution(weighting):
     relative_error = ((g - h).pow(2).sum(-1) / g.pow(2).sum(-1)).mean()
     if weighting == "relative":  # the reported error is the mean per-token relative error
         assert fitted.maps[0].error_before == pytest.approx(float(relative_error), rel=1e-5)
-        other = fit_repair(model, [2], calibration, ridge=ridge, weighting="uniform")
+        other = fit_repair(model, [2], calibration, RepairSettings(ridge, "uniform"))
         assert not torch.allclose(other.maps[0].matrix, fitted.maps[0].matrix, atol=1e-3)
     assert fitted.to_dict()["weighting"] == weighting
 
@@ -177,7 +178,7 @@ def test_fit_is_deterministic_and_leaves_the_model_unchanged():
 
 def test_the_ridge_shrinks_towards_no_repair():
     model = make_model(tiny_llama_config())
-    huge = fit_repair(model, [2], _random_calibration(), ridge=1e9)
+    huge = fit_repair(model, [2], _random_calibration(), RepairSettings(ridge=1e9))
     torch.testing.assert_close(huge.maps[0].matrix, torch.eye(32, dtype=torch.float64), rtol=0, atol=1e-6)
 
 
@@ -188,7 +189,7 @@ def test_the_ridge_shrinks_towards_no_repair():
         ("nan", "not finite"),
         ("generic family", "cannot be folded"),
         ("tied embeddings", "tied to the LM head"),
-        ("negative ridge", "repair_ridge must be >= 0"),
+        ("negative ridge", "repair_ridge must be a number >= 0"),
         ("unknown weighting", "repair_weighting must be one of uniform, relative"),
     ],
 )
@@ -210,7 +211,7 @@ def test_bad_input_is_one_clear_error_and_changes_nothing(case, message):
     weighting = "per-token" if case == "unknown weighting" else "relative"
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(BlockCBOError, match=message):
-        fit_repair(model, removed, calibration, ridge=ridge, weighting=weighting)
+        fit_repair(model, removed, calibration, RepairSettings(ridge, weighting))
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) or before[k].isnan().any() for k in before)
 
@@ -235,7 +236,7 @@ def test_prune_repair_records_the_repair_and_saves_the_hooked_model(tiny_model_d
 
     model, tokenizer = load_model(resolve_model(str(tiny_model_dir), None))
     config = BlockRemovalConfig(blocks=[2, 3], repair=True, repair_samples=4, seq_len=24)
-    repair = fit_repair(model, [2, 3], repair_samples(tokenizer, config), config.repair_ridge)
+    repair = fit_repair(model, [2, 3], repair_samples(tokenizer, config), config.repair_settings)
     ids = torch.tensor(PROMPT)
     with torch.no_grad(), BlockGates(model) as gates, repair.applied(model):
         gates.set_removed([2, 3])
@@ -309,7 +310,7 @@ def test_repair_aware_selection_scores_candidates_after_repair(tiny_model_dir):
     validation = validation_samples(tokenizer, config)
     data = repair_samples(tokenizer, config)
     for state in selection.spectrum:
-        repair = fit_repair(model, state["blocks"], data, config.repair_ridge, config.batch_size)
+        repair = fit_repair(model, state["blocks"], data, config.repair_settings, config.batch_size)
         with repair.applied(model):
             assert perplexity(model, validation, state["blocks"]) == pytest.approx(state["score"], rel=1e-5)
         # the KL is to the unpruned model without the repair's hooks
@@ -359,7 +360,7 @@ def test_the_maps_before_the_post_norm_fold_into_the_mlp_and_the_norm(family, ki
     spec = dataclasses.replace(get_architecture(model), repair=kind)
     for model_type in spec.model_types:
         monkeypatch.setitem(registry._REGISTRY, model_type, spec)
-    repair = fit_repair(model, REMOVED, _random_calibration(), ridge=0.3)
+    repair = fit_repair(model, REMOVED, _random_calibration(), RepairSettings(ridge=0.3))
     assert [m.kind for m in repair.maps] == [kind, kind]
     for m in repair.maps:
         if kind == "rotation":
@@ -420,11 +421,11 @@ def test_a_map_form_is_taken_only_where_the_family_folds_it():
     """`kind` overrides the registry's form within the forms a family folds; anything else is one clear error."""
     llama = make_model(_config("llama"))
     with pytest.raises(BlockCBOError, match="'renormalised' repair map does not fold into the 'llama'.*takes linear"):
-        fit_repair(llama, REMOVED, _random_calibration(), kind="renormalised")
+        fit_repair(llama, REMOVED, _random_calibration(), RepairSettings(kind="renormalised"))
     gemma = make_model(_config("gemma3"))
     with pytest.raises(BlockCBOError, match="'linear' repair map does not fold into the 'gemma'.*diagonal"):
-        fit_repair(gemma, REMOVED, _random_calibration(), kind="linear")
-    diagonal = fit_repair(gemma, REMOVED, _random_calibration(), kind="diagonal")
+        fit_repair(gemma, REMOVED, _random_calibration(), RepairSettings(kind="linear"))
+    diagonal = fit_repair(gemma, REMOVED, _random_calibration(), RepairSettings(kind="diagonal"))
     assert diagonal.kind == "diagonal" and [m.matrix.dim() for m in diagonal.maps] == [1, 1]
 
 
@@ -449,3 +450,21 @@ def test_the_map_form_is_a_setting_of_every_repairing_verb_and_is_checked_before
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # beside the loading bar
     assert len(errors) == 1 and "'renormalised' repair map does not fold" in errors[0], errors
     assert "takes linear" in errors[0] and not out.exists()
+
+
+def test_the_repair_settings_are_one_checked_object_with_the_configs_defaults():
+    """Every face passes `config.repair_settings` down; its defaults are the config's and a bad value is one line,
+    whether it comes through the config or is built directly."""
+    assert BlockRemovalConfig().repair_settings == RepairSettings()
+    config = BlockRemovalConfig(repair_ridge=0.05, repair_weighting="relative", repair_kind="diagonal")
+    assert config.repair_settings == RepairSettings(0.05, "relative", "diagonal")
+    for bad, message, through_the_config in (
+        ({"ridge": -1.0}, "repair_ridge must be a number >= 0, got -1.0", None),
+        ({"ridge": True}, "repair_ridge must be a number >= 0, got True", "`repair_ridge` must be float, got True"),
+        ({"weighting": "l2"}, "repair_weighting must be one of uniform, relative, got 'l2'", None),
+        ({"kind": "affine"}, "repair_kind must be one of auto, linear, diagonal, rotation, renormalised", None),
+    ):
+        with pytest.raises(BlockCBOError, match=message):
+            RepairSettings(**bad)
+        with pytest.raises(BlockCBOError, match=re.escape(through_the_config or message)):
+            BlockRemovalConfig(**{f"repair_{key}": value for key, value in bad.items()})

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import REPAIR_KINDS, REPAIR_WEIGHTINGS
+from ..config import REPAIR_KINDS, RepairSettings
 from ..data import CalibrationSet
 from ..errors import BlockCBOError
 from ..hessian.gradients import frozen_eval
@@ -494,12 +494,10 @@ def fit_repair(
     model: nn.Module,
     removed: Sequence[int],
     calibration: CalibrationSet,
-    ridge: float = 0.3,
+    settings: RepairSettings | None = None,
     batch_size: int = 8,
     gate: str = "auto",
     progress: bool = False,
-    weighting: str = "uniform",
-    kind: str | None = None,
 ) -> Repair:
     """Fit one map per removed run (see the module docstring); the model is left exactly as it was.
 
@@ -507,20 +505,14 @@ def fit_repair(
         model (`nn.Module`): the unpruned causal LM (blocks are switched off with gates while fitting).
         removed (`Sequence[int]`): the blocks that will be removed.
         calibration (`CalibrationSet`): the tokens the maps are fitted on; at least the hidden size of them.
-        ridge (`float`, *optional*, defaults to 0.3): λ relative to the mean of diag(UᵀU); it shrinks T towards the
-            identity (no repair). 0.3 repaired held-out text of another domain best on SmolLM2 (docs/results.md).
-        weighting (`str`, *optional*, defaults to ``"uniform"``): ``"uniform"`` weighs every token's error alike,
-            ``"relative"`` by d / ‖g‖² (its target's scale); see the module docstring and docs/results.md §3.
-        kind (`str`, *optional*): the map's form, where the family folds it (post-norm families: ``renormalised``,
-            ``diagonal`` or ``rotation``); ``None`` or ``"auto"``: the architecture registry's choice.
+        settings (`RepairSettings`, *optional*): ridge, token weighting and the map's form (defaults: ridge 0.3,
+            uniform, the family's form); `BlockRemovalConfig.repair_settings` gives a run's.
     """
     began = time.perf_counter()
+    settings = settings or RepairSettings()
+    ridge, weighting = settings.ridge, settings.weighting
     spec = get_architecture(model)
-    kind = check_repairable(model, removed, spec, kind)
-    if not ridge >= 0:
-        raise BlockCBOError(f"repair_ridge must be >= 0, got {ridge!r}")
-    if weighting not in REPAIR_WEIGHTINGS:
-        raise BlockCBOError(f"repair_weighting must be one of {', '.join(REPAIR_WEIGHTINGS)}, got {weighting!r}")
+    kind = check_repairable(model, removed, spec, settings.kind)
     hidden = model.get_input_embeddings().weight.shape[-1]
     valid_tokens = int(calibration.attention_mask.sum()) if len(calibration) else 0
     if valid_tokens < hidden:
@@ -600,20 +592,14 @@ def fit_repair(
 
 
 def repair_aware(
-    model: nn.Module,
-    data: CalibrationSet,
-    ridge: float,
-    batch_size: int = 8,
-    gate: str = "auto",
-    weighting: str = "uniform",
-    kind: str | None = None,
+    model: nn.Module, data: CalibrationSet, settings: RepairSettings, batch_size: int = 8, gate: str = "auto"
 ):
     """For repair-aware selection: ``candidate -> factory of contexts`` in which the gated model carries that
     candidate's repair (fitted on ``data`` when called, so a candidate that cannot be repaired is refused before
     scoring; the factory can be entered once per batch)."""
 
     def prepare(candidate):
-        fitted = fit_repair(model, candidate.blocks, data, ridge, batch_size, gate, weighting=weighting, kind=kind)
+        fitted = fit_repair(model, candidate.blocks, data, settings, batch_size, gate)
         return functools.partial(fitted.applied, model)
 
     return prepare

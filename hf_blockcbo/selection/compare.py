@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..config import RepairSettings
 from ..data import CalibrationSet
 from ..errors import BlockCBOError
 from ..evaluation.likelihood import (
@@ -155,9 +156,7 @@ def run_comparison(
     tokenizer=None,
     mc_tasks: dict[str, list[dict]] | None = None,
     repair_data: CalibrationSet | None = None,
-    repair_ridge: float = 0.3,
-    repair_weighting: str = "uniform",
-    repair_kind: str = "auto",
+    repair_settings: RepairSettings | None = None,
     harness_tasks: list[str] | None = None,
     harness_limit: int | None = None,
     speed: bool = False,
@@ -165,9 +164,9 @@ def run_comparison(
     """Every method × every M: choose blocks, then validation and test perplexity (gate-masked; swm on a merged copy),
     and zero-shot accuracy on each multiple-choice task in ``mc_tasks`` (name → items).
 
-    With ``repair_data`` every row also gets the perplexities after the training-free repair fitted on it, and a
-    row ``cbo (repair-aware)`` selects among the CBO states by their repaired validation score (`validation_metric`). With
-    ``harness_tasks`` every row gets lm-evaluation-harness accuracies (gated model, no copy); with ``speed`` the
+    With ``repair_data`` every row also gets the perplexities after the training-free repair fitted on it as
+    ``repair_settings`` say (default: `RepairSettings()`), and a row ``cbo (repair-aware)`` selects among the CBO
+    states by their repaired validation score (`validation_metric`). With ``harness_tasks`` every row gets lm-evaluation-harness accuracies (gated model, no copy); with ``speed`` the
     measured decode speed-up of a physically pruned copy over the original.
     """
     from ..repair.least_squares import fit_repair, repair_aware
@@ -179,16 +178,7 @@ def run_comparison(
     def repaired(target, blocks) -> tuple[float, float, float]:
         began = time.perf_counter()
         try:
-            fitted = fit_repair(
-                target,
-                blocks,
-                repair_data,
-                repair_ridge,
-                ctx.batch_size,
-                gate,
-                weighting=repair_weighting,
-                kind=repair_kind,
-            )
+            fitted = fit_repair(target, blocks, repair_data, repair_settings, ctx.batch_size, gate)
         except BlockCBOError as err:
             logger.warning("no repair for blocks %s: %s", list(blocks), err)
             return math.nan, math.nan, time.perf_counter() - began
@@ -252,9 +242,7 @@ def run_comparison(
                         validation,
                         ctx.batch_size,
                         progress=False,
-                        prepare=repair_aware(
-                            model, repair_data, repair_ridge, ctx.batch_size, gate, repair_weighting, repair_kind
-                        ),
+                        prepare=repair_aware(model, repair_data, repair_settings, ctx.batch_size, gate),
                         metric=metric,
                     )
                     row = ComparisonRow(
