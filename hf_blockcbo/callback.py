@@ -16,6 +16,7 @@ all processes remove the same blocks; DDP then needs ``ddp_find_unused_parameter
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -156,10 +157,12 @@ class BlockRemovalCallback(TrainerCallback):
         result, self.rounds = solve_with_rounds(model, self.artifact, self.config, lambda: self.calibration, False)
         blocks = list(result.candidates[0].blocks)
         check_removal(model, blocks)
-        if self.config.repair:  # fitted on the Hessian pass's samples, folded before the cut
-            from .repair.least_squares import fit_repair
+        if self.config.repair:  # fitted on the Hessian pass's samples, folded before the cut; training follows
+            from .repair.least_squares import fit_repair, kind_before_training
 
-            repair = fit_repair(model, blocks, self.calibration, self.config.repair_settings, gate=self.config.gate)
+            settings = self.config.repair_settings
+            settings = dataclasses.replace(settings, kind=kind_before_training(model, settings.kind))
+            repair = fit_repair(model, blocks, self.calibration, settings, gate=self.config.gate)
             repair.fold_into(model)
             self.repair = repair.to_dict()
         before = {id(p) for p in model.parameters()}

@@ -207,7 +207,8 @@ class BlockRemovalConfig:
         metadata={
             "help": "repair: the map's form. `auto`: the family's (a d×d map; behind a post-norm, as in Gemma, "
             "`renormalised`). Post-norm families also take `diagonal`: a scale per channel, a weaker repair but a "
-            "better start for distillation on Gemma-3-270M (docs/results.md §3)."
+            "better start for distillation on Gemma-3-270M, so `auto` takes it where training follows (`prune "
+            "--heal`, the callback's removal; docs/results.md §3)."
         },
     )
 

@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -468,3 +469,66 @@ def test_the_repair_settings_are_one_checked_object_with_the_configs_defaults():
             RepairSettings(**bad)
         with pytest.raises(BlockCBOError, match=re.escape(through_the_config or message)):
             BlockRemovalConfig(**{f"repair_{key}": value for key, value in bad.items()})
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3_dir(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("tiny_gemma3")
+    make_model(tiny_gemma3_config(vocab_size=len(tokenizer))).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_auto_takes_the_familys_start_for_training_only_where_training_follows(tiny_gemma3_dir, tmp_path, monkeypatch):
+    """`auto` fits Gemma's renormalised map for a training-free repair, and its diagonal scale (the better start
+    for distillation) under `prune --heal`; a form the user names is kept; families with one form are unchanged."""
+    from hf_blockcbo.commands import prune as prune_command
+    from hf_blockcbo.repair.least_squares import kind_before_training
+
+    gemma, llama = make_model(_config("gemma3")), make_model(tiny_llama_config())
+    assert kind_before_training(gemma, "auto") == "diagonal"
+    assert kind_before_training(gemma, "renormalised") == "renormalised"
+    assert kind_before_training(llama, "auto") == "auto"
+
+    records = {}
+
+    def healed(args, student, teacher):  # the pruned folder healing would start from, before it is cleaned up
+        records[args.output] = json.loads((Path(student) / "block_removal.json").read_text())
+
+    monkeypatch.setattr(prune_command, "run_heal", healed)
+    base = ["prune", "--model", str(tiny_gemma3_dir), "--blocks", "2,3", "--repair", "--repair-samples", "8"]
+    base += ["--seq-len", "24", "--no-progress"]
+    for name, extra in (("plain", []), ("heal", ["--heal"]), ("named", ["--heal", "--repair-kind", "renormalised"])):
+        out = tmp_path / name
+        assert main([*base, *extra, "--output", str(out)]) == 0
+        if not extra:
+            records[str(out)] = json.loads((out / "block_removal.json").read_text())
+    kinds = {Path(k).name: (r["repair"]["kind"], r["config"]["repair_kind"]) for k, r in records.items()}
+    assert kinds == {
+        "plain": ("renormalised", "auto"),
+        "heal": ("diagonal", "diagonal"),
+        "named": ("renormalised", "renormalised"),
+    }
+
+
+def test_the_callbacks_removal_repairs_with_the_start_for_training(tiny_gemma3_dir, tmp_path, tokenizer):
+    from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    from hf_blockcbo import BlockRemovalCallback
+    from hf_blockcbo.data import build_calibration_set
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_gemma3_dir)
+    rows = [{"input_ids": ids.tolist()} for ids in build_calibration_set(tokenizer, None, 16, 16).input_ids]
+    config = BlockRemovalConfig(num_remove=2, top_k=3, curvature="empirical", repair=True)
+    callback = BlockRemovalCallback(config, at="train_begin", remove_at_step=1)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=4,
+        max_steps=2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+    )
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    Trainer(model=model, args=args, train_dataset=rows, data_collator=collator, callbacks=[callback]).train()
+    assert callback.removed is not None and callback.repair["kind"] == "diagonal"

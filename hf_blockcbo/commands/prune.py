@@ -65,6 +65,10 @@ class PruneCommand(BaseCommand):
         model, tokenizer = load_model(
             source, dtype=config.dtype, need_tokenizer=not explicit or config.repair or args.heal
         )
+        if args.heal and config.repair:  # distillation follows the repair: `auto` takes the family's start for it
+            from ..repair.least_squares import kind_before_training
+
+            config = config.replace(repair_kind=kind_before_training(model, config.repair_kind))
         artifact = None
         if args.hessian:
             artifact = HessianArtifact.load(args.hessian)

@@ -105,6 +105,15 @@ def check_repairable(
     return spec.repair
 
 
+def kind_before_training(model: nn.Module, kind: str) -> str:
+    """The map form to fit when training follows the repair (`prune --heal`, the callback's `remove_at_step`):
+    ``"auto"`` becomes the family's `repair_before_training` where it names one (Gemma: ``diagonal``, the better start
+    for distillation in docs/results.md §3); any other ``kind`` is the user's choice and is kept."""
+    if kind not in (None, "auto"):
+        return kind
+    return get_architecture(model).repair_before_training or "auto"
+
+
 def contribution_module(model: nn.Module, source: int, spec: ArchitectureSpec | None = None) -> nn.Module:
     """The module whose output is the last addition to the stream by block ``source`` (−1: the token embeddings)."""
     spec = spec or get_architecture(model)

@@ -92,6 +92,7 @@ register_architecture(
         layers_path="model.layers",
         branches=("post_attention_layernorm", "post_feedforward_layernorm"),
         repair="renormalised",  # measured better than "diagonal" and "rotation" on held-out text (docs/results.md §3)
+        repair_before_training="diagonal",  # distils to better held-out text from it (docs/results.md §3)
         norm_weight_offset=1.0,
         post_norm_input="mlp",
         notes="branches end in post-norms: the gates scale the post-norm outputs; a repair map is a d×d map folded "

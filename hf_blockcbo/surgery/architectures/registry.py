@@ -45,6 +45,9 @@ class ArchitectureSpec:
             post-norm, which it commutes with, and a scale folded into the norm), `renormalised` (any d×d map folded
             before the post-norm and a scale into the norm, fitted with the norm in the loss) or `none` (refused).
         norm_weight_offset (`float`, *optional*, defaults to 0): the norm computes `x̂·(offset + weight)` (Gemma: 1).
+        repair_before_training (`str`, *optional*): the form `repair_kind="auto"` takes when training follows the
+            repair (`prune --heal`, the callback's `remove_at_step`), where it differs from `repair` (Gemma:
+            `diagonal`, measured the better start for distillation); None: `repair`.
         post_norm_input (`str`, *optional*): for `repair="rotation"` or `"renormalised"`, the block submodule whose output the last
             post-norm normalises (Gemma: `mlp`); the rotation folds into its output projection, the scale into the
             norm.
@@ -58,6 +61,7 @@ class ArchitectureSpec:
     block_kind: BlockKindFn = _attention_kind
     rewrite_config: ConfigRewriteFn | None = None
     repair: str = "linear"
+    repair_before_training: str | None = None
     norm_weight_offset: float = 0.0
     post_norm_input: str | None = None
     notes: str = ""
@@ -202,8 +206,11 @@ def support_table(tested: set[str] | list[str] = ()) -> str:
         covered = sorted(set(spec.model_types) & set(tested))
         gate = f"branch ({', '.join(spec.branches)})" if spec.branches else "layer"
         kind = kinds.get(spec.block_kind.__name__, spec.block_kind.__name__)
+        repair = spec.repair
+        if spec.repair_before_training not in (None, spec.repair):
+            repair += f" ({spec.repair_before_training} when training follows)"
         rows.append(
-            f"| {spec.name} | {', '.join(spec.model_types)} | {gate} | {kind} | {spec.repair} | "
+            f"| {spec.name} | {', '.join(spec.model_types)} | {gate} | {kind} | {repair} | "
             f"{', '.join(covered) if covered else 'no'} | {spec.notes} |"
         )
     rows.append(
