@@ -256,3 +256,28 @@ def test_keep_freed_memory_does_nothing_off_glibc(monkeypatch):
     monkeypatch.setattr(allocator.platform, "libc_ver", lambda: ("", ""))
     monkeypatch.setitem(allocator._state, "applied", False)
     assert allocator.keep_freed_memory() is False
+
+
+def test_a_student_repaired_with_a_worse_start_for_training_gets_one_warning(caplog):
+    """Gemma's renormalised map distils worse than its diagonal one: healing such a student says so, once."""
+    from hf_blockcbo.healing.trainer import _warn_about_the_start
+
+    from .conftest import make_model, tiny_gemma3_config, tiny_llama_config
+
+    gemma, llama = make_model(tiny_gemma3_config()), make_model(tiny_llama_config())
+    cases = [
+        (gemma, {"repair": {"kind": "renormalised"}}, 1),
+        (gemma, {"repair": {"kind": "diagonal"}}, 0),
+        (gemma, {"repair": None}, 0),
+        (gemma, {}, 0),
+        (llama, {"repair": {"kind": "linear"}}, 0),
+    ]
+    for model, provenance, warnings in cases:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="hf_blockcbo.healing.trainer"):
+            _warn_about_the_start(provenance, model)
+        assert len(caplog.records) == warnings, (provenance, caplog.text)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_blockcbo.healing.trainer"):
+        _warn_about_the_start({"repair": {"kind": "renormalised"}}, gemma)
+    assert "repaired with renormalised maps" in caplog.text and "--repair-kind diagonal" in caplog.text

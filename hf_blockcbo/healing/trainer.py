@@ -24,6 +24,7 @@ from trl import SFTConfig, SFTTrainer
 
 from ..errors import BlockCBOError
 from ..io_utils import atomic_dir, check_output_dir
+from ..surgery.architectures import get_architecture
 from ..surgery.removal import PROVENANCE_FILE
 from .allocator import keep_freed_memory
 from .settings import heal_default, heal_help
@@ -182,6 +183,21 @@ class DistillationSFTTrainer(SFTTrainer):
         super().log(logs, *args, **kwargs)
 
 
+def _warn_about_the_start(provenance: dict, student) -> None:
+    """One warning line when the student's training-free repair is not its family's start for training (Gemma: a
+    `renormalised` map distilled to worse held-out text than a `diagonal` one, docs/results.md §3)."""
+    kind = (provenance.get("repair") or {}).get("kind")
+    start = get_architecture(student).repair_before_training
+    if kind and start and kind != start:
+        logger.warning(
+            "this student was repaired with %s maps; for distillation its family starts better from %s ones "
+            "(`prune --repair --heal` fits those, or `prune --repair --repair-kind %s`)",
+            kind,
+            start,
+            start,
+        )
+
+
 def _materialise(teacher):
     """The teacher model, loading it when given as a zero-argument loader; frozen and in eval mode."""
     if not isinstance(teacher, torch.nn.Module):
@@ -270,6 +286,7 @@ def heal(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     student = AutoModelForCausalLM.from_pretrained(student_dir)
+    _warn_about_the_start(provenance, student)
     if data is None:
         records = [{"text": "\n\n".join(embedded_documents("calibration"))}]
         data_name = "embedded"

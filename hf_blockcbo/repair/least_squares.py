@@ -105,7 +105,7 @@ def check_repairable(
     return spec.repair
 
 
-def kind_before_training(model: nn.Module, kind: str) -> str:
+def kind_before_training(model: nn.Module, kind: str | None) -> str:
     """The map form to fit when training follows the repair (`prune --heal`, the callback's `remove_at_step`):
     ``"auto"`` becomes the family's `repair_before_training` where it names one (Gemma: ``diagonal``, the better start
     for distillation in docs/results.md §3); any other ``kind`` is the user's choice and is kept."""

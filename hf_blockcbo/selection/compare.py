@@ -166,8 +166,9 @@ def run_comparison(
 
     With ``repair_data`` every row also gets the perplexities after the training-free repair fitted on it as
     ``repair_settings`` say (default: `RepairSettings()`), and a row ``cbo (repair-aware)`` selects among the CBO
-    states by their repaired validation score (`validation_metric`). With ``harness_tasks`` every row gets lm-evaluation-harness accuracies (gated model, no copy); with ``speed`` the
-    measured decode speed-up of a physically pruned copy over the original.
+    states by their repaired validation score (`validation_metric`). With ``harness_tasks`` every row gets
+    lm-evaluation-harness accuracies (gated model, no copy); with ``speed`` the measured decode speed-up of a
+    physically pruned copy over the original.
     """
     from ..repair.least_squares import fit_repair, repair_aware
 
