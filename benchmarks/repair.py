@@ -32,7 +32,7 @@ from hf_blockcbo.data import build_calibration_set, repair_samples
 from hf_blockcbo.evaluation.likelihood import perplexity
 from hf_blockcbo.models import load_model, resolve_model
 from hf_blockcbo.pipeline import Selection, calibrate, choose_blocks, prune_and_save
-from hf_blockcbo.repair.least_squares import fit_repair
+from hf_blockcbo.repair.least_squares import fit_repair, kind_before_training
 from hf_blockcbo.selection.scorers import ScoringContext, score
 
 
@@ -52,6 +52,9 @@ def main() -> None:
     parser.add_argument("--ridge", type=float, default=None, help="default: the config's repair_ridge")
     parser.add_argument(
         "--weighting", default=None, help="the repair's token weighting (default: the config's repair_weighting)"
+    )
+    parser.add_argument(
+        "--kind", default=None, help="the repair map's form (default: the config's repair_kind, auto: the family's)"
     )
     parser.add_argument(
         "--repair-data",
@@ -110,6 +113,8 @@ def main() -> None:
         config.repair_ridge = args.ridge
     if args.weighting is not None:
         config.repair_weighting = args.weighting
+    if args.kind is not None:
+        config.repair_kind = args.kind
     if args.repair_data is not None:
         config.repair_data = args.repair_data
     eval_dir = Path(args.eval_dir)
@@ -177,12 +182,14 @@ def main() -> None:
 
 
 def distill(args, model, tokenizer, source, config, selection, tests, unpruned) -> list[dict]:
-    """The CBO choice (what `prune --repair` removes): distilled `heal_steps` unrepaired vs repaired + distilled
-    `heal_short` steps."""
+    """The CBO choice: distilled `heal_steps` unrepaired vs repaired + distilled `heal_short` steps, the repair in
+    the form `prune --repair --heal` fits (`auto`: the family's start for training)."""
     from transformers import AutoModelForCausalLM
 
     from hf_blockcbo.healing.trainer import HealConfig, heal
 
+    # the form `prune --repair --heal` fits: `auto` is the family's start for training
+    heal_config = config.replace(repair_kind=kind_before_training(model, config.repair_kind))
     work = Path(tempfile.mkdtemp(prefix="repair_bench_"))
     teacher = config.model or "embedded:smollm2"  # the unpruned model the student came from
     out = []
@@ -193,9 +200,11 @@ def distill(args, model, tokenizer, source, config, selection, tests, unpruned) 
         for arm, (label, repaired, steps, lr) in enumerate(arms):  # one folder per arm: two rates, two students
             student = work / f"student_{arm}"
             began = time.perf_counter()
-            prune_and_save(
-                copy.deepcopy(model), tokenizer, selection, student, source, config.replace(repair=repaired)
+            summary = prune_and_save(
+                copy.deepcopy(model), tokenizer, selection, student, source, heal_config.replace(repair=repaired)
             )
+            if repaired:  # the form fitted, in the row's name
+                label = label.replace("repaired", f"repaired ({summary['repair']['kind']})")
             prepare_s = time.perf_counter() - began
             heal_args = HealConfig(
                 output_dir=str(work / "ckpt"),
@@ -230,6 +239,8 @@ def write(args, rows, heal_rows, unpruned, tests) -> None:
         name += "_fit_" + "+".join(Path(s).stem for s in args.repair_data.split(",") if s)
     if args.heal_short_lr:
         name += "_short_lr_" + args.heal_short_lr.replace(",", "_")
+    if args.kind is not None:
+        name += f"_kind_{args.kind}"
     if args.ridge is not None:
         name += f"_ridge_{args.ridge:g}"
     if args.repair_samples != BlockRemovalConfig.repair_samples:
