@@ -282,6 +282,8 @@ def choose_blocks(
     if rounds is not None:
         solver["rounds"] = rounds
     candidates = result.candidates
+    if not any(r["round"] > 0 for r in rounds or []):  # the energy is the artifact's (no re-expansion ran)
+        _record_the_lead(artifact, config, candidates, solver)
     if config.rank is not None:
         if config.rank >= len(candidates):
             raise BlockCBOError(f"`rank` {config.rank} is beyond the {len(candidates)} states found")
@@ -325,6 +327,32 @@ def choose_blocks(
         selection.validation_data = validation.source
         selection.validation_ppl_unpruned = unpruned
     return selection, artifact
+
+
+def _record_the_lead(artifact: HessianArtifact, config: BlockRemovalConfig, candidates, solver: dict) -> None:
+    """The ground state's lead over its runner-up, paired over the calibration rows, into the solver's record; one
+    warning line where the energy alone picks between two states its rows do not resolve."""
+    from .selection.diagnose import ground_margin
+
+    margin = ground_margin(artifact, config, [c.blocks for c in candidates])
+    if margin is None:
+        return
+    solver["ground_lead"] = {
+        "runner_up": list(margin.runner_up),
+        "lead": margin.lead,
+        "standard_error": margin.standard_error,
+        "resolved": margin.resolved,
+    }
+    if not margin.resolved and config.select == "energy" and config.rank is None:
+        logger.warning(
+            "the ground state %s leads %s by %.4g ± %.4g (energy, over %d calibration rows): a tie at this "
+            "calibration size; `select: validation` (--select validation) or more samples would decide it",
+            list(candidates[0].blocks),
+            list(margin.runner_up),
+            margin.lead,
+            margin.standard_error,
+            artifact.num_samples,
+        )
 
 
 def repaired_candidate(model: nn.Module, tokenizer, config: BlockRemovalConfig):

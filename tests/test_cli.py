@@ -292,6 +292,8 @@ def test_diagnose_reports_rank_correlations_and_a_plot(artifact_path, tiny_model
     text = (out / "diagnose.md").read_text()
     assert "Spearman" in text and "| 1 | 6 + 0 |" in text  # M = 1: all 6 states are the top-K, no random left over
     assert "| 2 |" in text and (out / "diagnose.png").stat().st_size > 5000
+    row = next(line for line in text.splitlines() if line.startswith("| 2 |"))
+    assert " ± " in row.split("|")[-5] and " over [" in row.split("|")[-5]  # the ground state's lead over the next
     before = (out / "diagnose.md").stat().st_mtime_ns
     assert main([*args, "--output-dir", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err and (out / "diagnose.md").stat().st_mtime_ns == before

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -170,6 +171,19 @@ class HessianArtifact:
         if beta:
             q -= torch.diag(2.0 * beta * self.g)
         return q
+
+    def row_energies(self, states: Sequence[Sequence[int]], beta: float = 0.0) -> torch.Tensor:
+        """``[m, S]``, float64: each calibration row's energy of each state, whose mean over the rows is the state's
+        energy xᵀQx (``energy_matrix(beta)``): (aᵀx)² − 2β·aᵀx for a gradient row a, xᵀQ_s x for a measured one.
+        Their spread says how well the rows resolve one state from another."""
+        self.energy_matrix(beta)  # refuses a beta the curvature has no data gradient for
+        x = torch.zeros(len(states), self.num_blocks, dtype=torch.float64)
+        for k, state in enumerate(states):
+            x[k, list(state)] = 1.0
+        if self.A is None:
+            return torch.einsum("sn,wnk,sk->ws", x, self.Q_samples, x)
+        projected = self.A.to(torch.float64) @ x.T
+        return projected.square() - 2.0 * beta * projected
 
     def check_model(self, model_id: str | None, block_names: list[str], fingerprint: str | None = None) -> None:
         """Refuse an artifact made from another model: a different block list, or (when both are known) different

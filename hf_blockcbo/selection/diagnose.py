@@ -124,6 +124,37 @@ def random_states(num_blocks: int, num_remove: int, count: int, seed: int, prote
 
 
 @dataclass
+class Margin:
+    """How far the ground state leads its runner-up (the solver's second state), paired over the calibration rows.
+
+    ``lead`` is the runner-up's energy minus the ground state's (≥ 0); ``standard_error`` that of the mean of the
+    rows' differences. A lead of under about 2 standard errors is a tie at this calibration size: a bootstrap of the
+    rows moves the ground state often, and the validation selection, not the energy, decides between the two.
+    """
+
+    runner_up: tuple[int, ...]
+    lead: float
+    standard_error: float
+
+    @property
+    def resolved(self) -> bool:
+        return self.lead >= 2.0 * self.standard_error
+
+
+def ground_margin(artifact: HessianArtifact, config: BlockRemovalConfig, states: Sequence[tuple[int, ...]]):
+    """The :class:`Margin` of ``states[0]`` (the ground state) over ``states[1]``; None with one state or one row."""
+    if len(states) < 2 or artifact.num_samples < 2:
+        return None
+    rows = artifact.row_energies(states[:2], config.beta)
+    difference = (rows[:, 1] - rows[:, 0]).numpy()
+    return Margin(
+        runner_up=tuple(states[1]),
+        lead=float(difference.mean()),
+        standard_error=float(difference.std(ddof=1) / math.sqrt(len(difference))),
+    )
+
+
+@dataclass
 class Stability:
     """How often a bootstrap resample of the calibration rows keeps the full sample's choice."""
 
@@ -193,6 +224,7 @@ class MDiagnosis:
     spearman: float
     kendall: float
     spearman_top: float
+    margin: Margin | None = None
 
 
 @dataclass
@@ -206,8 +238,9 @@ class Diagnosis:
             f"Curvature `{self.curvature}`: energy vs measured damage (held-out mean per-token KL to the unpruned model)",
             "",
             "| M | states (top-K + random) | Spearman | Kendall | Spearman over top-K | ground state | its KL | "
-            "best measured state | its KL | bootstrap: ground state kept | top-K overlap | validation pick kept |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "best measured state | its KL | lead over the runner-up (± s.e.) | bootstrap: ground state kept | "
+            "top-K overlap | validation pick kept |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in self.rows:
             best = int(np.argmin(r.damage.kl))
@@ -215,12 +248,24 @@ class Diagnosis:
             kept = "" if boot is None else f"{100 * boot.ground_kept:.0f} %"
             over = "" if boot is None else f"{100 * boot.top_overlap:.0f} %"
             picked = "" if boot is None or boot.pick is None else f"{100 * boot.pick_kept:.0f} % of {list(boot.pick)}"
+            lead = "" if r.margin is None else _lead_text(r.margin)
             lines.append(
                 f"| {r.num_remove} | {r.kinds.count('top')} + {r.kinds.count('random')} | {r.spearman:.2f} | "
                 f"{r.kendall:.2f} | {r.spearman_top:.2f} | {list(r.states[0])} | {r.damage.kl[0]:.4f} | "
-                f"{list(r.states[best])} | {r.damage.kl[best]:.4f} | {kept} | {over} | {picked} |"
+                f"{list(r.states[best])} | {r.damage.kl[best]:.4f} | {lead} | {kept} | {over} | {picked} |"
             )
+        lines += [
+            "",
+            "The lead is the runner-up's energy minus the ground state's, paired over the calibration rows; under 2 "
+            "standard errors (marked *tie*) the rows do not resolve the two states, a bootstrap moves the ground state "
+            "often, and the validation selection decides between them.",
+        ]
         return "\n".join(lines) + "\n"
+
+
+def _lead_text(margin: Margin) -> str:
+    tie = "" if margin.resolved else ", *tie*"
+    return f"{margin.lead:.4f} ± {margin.standard_error:.4f} over {list(margin.runner_up)}{tie}"
 
 
 def diagnose(
@@ -250,7 +295,8 @@ def diagnose(
         rho, tau = rank_correlations(energies, damage.kl)
         rho_top, _ = rank_correlations(energies[: len(top)], damage.kl[: len(top)])
         kinds = ["top"] * len(top) + ["random"] * len(rand)
-        diagnosis.rows.append(MDiagnosis(m, states, kinds, energies, damage, rho, tau, rho_top))
+        margin = ground_margin(artifact, cfg, top)
+        diagnosis.rows.append(MDiagnosis(m, states, kinds, energies, damage, rho, tau, rho_top, margin))
         if bootstraps:
             diagnosis.bootstrap[m] = bootstrap_stability(
                 artifact, cfg, bootstraps, config.seed, model if validation is not None else None, validation, progress
