@@ -29,7 +29,7 @@ from _models import model_argument  # benchmarks/_models.py (run as `python benc
 
 from hf_blockcbo.config import BlockRemovalConfig
 from hf_blockcbo.data import build_calibration_set, repair_samples
-from hf_blockcbo.evaluation.likelihood import perplexity
+from hf_blockcbo.evaluation.likelihood import paired_ratio_interval, perplexity, window_losses
 from hf_blockcbo.models import load_model, resolve_model
 from hf_blockcbo.pipeline import Selection, calibrate, choose_blocks, prune_and_save
 from hf_blockcbo.repair.least_squares import fit_repair, kind_before_training
@@ -79,6 +79,11 @@ def main() -> None:
         "--short-arm-only",
         action="store_true",
         help="distil only the repaired + short arm (compare with the long arm of an earlier run of the same settings)",
+    )
+    parser.add_argument(
+        "--also-short-unrepaired",
+        action="store_true",
+        help="also distil the unrepaired choice for --heal-short steps: what the repair adds at equal steps",
     )
     parser.add_argument("--heal-lr", type=float, default=1e-4, help="learning rate of both distillation arms")
     parser.add_argument(
@@ -196,6 +201,8 @@ def distill(args, model, tokenizer, source, config, selection, tests, unpruned) 
     try:
         short_lrs = [float(x) for x in args.heal_short_lr.split(",")] if args.heal_short_lr else [args.heal_lr]
         arms = [] if args.short_arm_only else [("distilled", False, args.heal_steps, args.heal_lr)]
+        if args.also_short_unrepaired:
+            arms.append(("distilled", False, args.heal_short, args.heal_lr))
         arms += [("repaired + distilled", True, args.heal_short, lr) for lr in short_lrs]
         for arm, (label, repaired, steps, lr) in enumerate(arms):  # one folder per arm: two rates, two students
             student = work / f"student_{arm}"
@@ -220,14 +227,20 @@ def distill(args, model, tokenizer, source, config, selection, tests, unpruned) 
             heal_s = time.perf_counter() - began
             healed = AutoModelForCausalLM.from_pretrained(work / f"healed_{arm}").eval()
             row = {"method": f"cbo {label} ({steps} steps, lr {lr:g})", "prepare_s": prepare_s, "heal_s": heal_s}
-            for name, test in tests.items():
-                row[name] = perplexity(healed, test)
+            losses = {name: window_losses(healed, test) for name, test in tests.items()}
+            for name, loss in losses.items():
+                row[name] = loss.perplexity
+                if out and not args.short_arm_only:  # against the long arm, paired over the same test windows
+                    first = out[0]["_losses"][name]
+                    ratio, low, high = paired_ratio_interval(loss.nll, first.nll, loss.tokens)
+                    row[f"{name} / long arm"], row[f"{name} low"], row[f"{name} high"] = ratio, low, high
+            row["_losses"] = losses
             out.append(row)
-            print(json.dumps(row), flush=True)
+            print(json.dumps({k: v for k, v in row.items() if k != "_losses"}), flush=True)
             del healed
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return out
+    return [{k: v for k, v in row.items() if k != "_losses"} for row in out]
 
 
 def write(args, rows, heal_rows, unpruned, tests) -> None:
@@ -289,11 +302,23 @@ def write(args, rows, heal_rows, unpruned, tests) -> None:
             )
         lines.append(f"| {r['method']} | {r['blocks']} | " + " | ".join(cells) + f" | {r['repair_s']:.1f} |")
     if heal_rows:
-        lines += ["", "| CBO choice, then | " + " | ".join(labels) + " | wall s |"]
-        lines.append("| --- |" + " --- |" * (len(labels) + 1))
+        paired = any(f"{k} / long arm" in h for h in heal_rows for k in labels)
+        ratio_head = "".join(f" {k} / long arm (95 % paired interval) |" for k in labels) if paired else ""
+        lines += ["", "| CBO choice, then | " + " | ".join(labels) + f" |{ratio_head} wall s |"]
+        lines.append("| --- |" + " --- |" * (len(labels) * (2 if paired else 1) + 1))
         for h in heal_rows:
             wall = h["prepare_s"] + h["heal_s"]
-            lines.append(f"| {h['method']} | " + " | ".join(f"{h[k]:.2f}" for k in labels) + f" | {wall:.0f} |")
+            ratios = ""
+            if paired:
+                ratios = "".join(
+                    f" {h[f'{k} / long arm']:.3f} ({h[f'{k} low']:.3f}–{h[f'{k} high']:.3f}) |"
+                    if f"{k} / long arm" in h
+                    else " |"
+                    for k in labels
+                )
+            lines.append(
+                f"| {h['method']} | " + " | ".join(f"{h[k]:.2f}" for k in labels) + f" |{ratios} {wall:.0f} |"
+            )
     (out / f"{name}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     with (out / f"{name}.csv").open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=sorted({k for r in rows + heal_rows for k in r}))

@@ -74,6 +74,7 @@ class BlockRemovalCallback(TrainerCallback):
         self.removed: list[int] | None = None
         self.repair: dict | None = None
         self.rounds: list[dict] | None = None  # the rounds of re-expansion run before the cut (measured_rounds)
+        self.ground_lead: dict | None = None  # the cut state's lead over its runner-up (pipeline.ground_lead)
 
     # -- the Hessian pass ---------------------------------------------------------------------------------------
     def _dataloader(self, kwargs):
@@ -155,6 +156,10 @@ class BlockRemovalCallback(TrainerCallback):
             raise BlockCBOError("remove_at_step needs config.num_remove")
         # the same rounds `prune` runs, on the Hessian pass's samples
         result, self.rounds = solve_with_rounds(model, self.artifact, self.config, lambda: self.calibration, False)
+        if not any(r["round"] > 0 for r in self.rounds or []):  # the cut is the artifact's ground state
+            from .pipeline import ground_lead
+
+            self.ground_lead = ground_lead(self.artifact, self.config, result.candidates, picked_by_energy=True)
         blocks = list(result.candidates[0].blocks)
         check_removal(model, blocks)
         if self.config.repair:  # fitted on the Hessian pass's samples, folded before the cut; training follows

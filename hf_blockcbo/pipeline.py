@@ -283,7 +283,10 @@ def choose_blocks(
         solver["rounds"] = rounds
     candidates = result.candidates
     if not any(r["round"] > 0 for r in rounds or []):  # the energy is the artifact's (no re-expansion ran)
-        _record_the_lead(artifact, config, candidates, solver)
+        by_energy = config.select == "energy" and config.rank is None
+        lead = ground_lead(artifact, config, candidates, picked_by_energy=by_energy)
+        if lead is not None:
+            solver["ground_lead"] = lead
     if config.rank is not None:
         if config.rank >= len(candidates):
             raise BlockCBOError(f"`rank` {config.rank} is beyond the {len(candidates)} states found")
@@ -329,30 +332,32 @@ def choose_blocks(
     return selection, artifact
 
 
-def _record_the_lead(artifact: HessianArtifact, config: BlockRemovalConfig, candidates, solver: dict) -> None:
-    """The ground state's lead over its runner-up, paired over the calibration rows, into the solver's record; one
-    warning line where the energy alone picks between two states its rows do not resolve."""
+def ground_lead(artifact: HessianArtifact, config: BlockRemovalConfig, candidates, picked_by_energy: bool):
+    """The ground state's lead over its runner-up, paired over the calibration rows, as the provenance records it
+    (None without a runner-up or with one row); one warning line where the energy alone picks (``picked_by_energy``:
+    `select: energy`, the callback's cut) between two states its rows do not resolve."""
     from .selection.diagnose import ground_margin
 
     margin = ground_margin(artifact, config, [c.blocks for c in candidates])
     if margin is None:
-        return
-    solver["ground_lead"] = {
-        "runner_up": list(margin.runner_up),
-        "lead": margin.lead,
-        "standard_error": margin.standard_error,
-        "resolved": margin.resolved,
-    }
-    if not margin.resolved and config.select == "energy" and config.rank is None:
+        return None
+    if not margin.resolved and picked_by_energy:
         logger.warning(
             "the ground state %s leads %s by %.4g ± %.4g (energy, over %d calibration rows): a tie at this "
-            "calibration size; `select: validation` (--select validation) or more samples would decide it",
+            "calibration size; more calibration samples, or selection on held-out text (`prune --select "
+            "validation`), would decide it",
             list(candidates[0].blocks),
             list(margin.runner_up),
             margin.lead,
             margin.standard_error,
             artifact.num_samples,
         )
+    return {
+        "runner_up": list(margin.runner_up),
+        "lead": margin.lead,
+        "standard_error": margin.standard_error,
+        "resolved": margin.resolved,
+    }
 
 
 def repaired_candidate(model: nn.Module, tokenizer, config: BlockRemovalConfig):

@@ -179,3 +179,17 @@ def test_prune_records_the_lead_and_warns_where_the_energy_alone_picks_a_tie(tin
     with caplog.at_level("WARNING", logger="hf_blockcbo.pipeline"):
         clear, _ = choose_blocks(model, tokenizer, config, source, _planted(model, diag), progress=False)
     assert clear.solver["ground_lead"]["resolved"] and "a tie" not in caplog.text
+
+
+def test_the_callbacks_cut_records_the_lead_and_warns_on_a_tie(tiny_llama, caplog):
+    from hf_blockcbo.callback import BlockRemovalCallback
+
+    n = tiny_llama.config.num_hidden_layers
+    diag = torch.linspace(0.2, 0.8, n, dtype=torch.float64).expand(4, n).clone()
+    diag[:, 1] = diag[:, 0] + torch.tensor([0.06, -0.04, -0.01, 0.03], dtype=torch.float64)
+    callback = BlockRemovalCallback(BlockRemovalConfig(num_remove=1, top_k=3, measured_rounds=0))
+    callback.artifact = _planted(tiny_llama, diag)
+    with caplog.at_level("WARNING", logger="hf_blockcbo.pipeline"):
+        callback._remove(tiny_llama, optimizer=None)
+    assert callback.removed == [0] and callback.ground_lead["runner_up"] == [1]
+    assert not callback.ground_lead["resolved"] and "a tie at this calibration size" in caplog.text
