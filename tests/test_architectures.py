@@ -241,3 +241,14 @@ def test_readme_support_table_is_generated_from_the_registry():
     current = readme.split(start)[1].split(end)[0]
     expected = support_table(tested=FAMILIES)
     assert current == expected, "README table is stale; regenerate it with support_table(tested=FAMILIES)"
+
+
+def test_every_registered_repair_form_is_one_fit_repair_knows():
+    from hf_blockcbo.config import REPAIR_KINDS
+    from hf_blockcbo.surgery.architectures.registry import registered_architectures
+
+    for spec in registered_architectures():
+        assert spec.repair in (*REPAIR_KINDS, "none"), (spec.name, spec.repair)
+        assert spec.repair_before_training in (None, *REPAIR_KINDS), (spec.name, spec.repair_before_training)
+        if spec.repair_before_training is not None:  # a start for training is only named where the family repairs
+            assert spec.repair != "none", spec.name
