@@ -28,7 +28,7 @@ from hf_blockcbo.errors import BlockCBOError  # noqa: E402
 from hf_blockcbo.evaluation.likelihood import perplexity  # noqa: E402
 from hf_blockcbo.hessian.artifact import HessianArtifact  # noqa: E402
 from hf_blockcbo.models import load_model, model_fingerprint, resolve_model  # noqa: E402
-from hf_blockcbo.pipeline import Selection, calibrate, prune_and_save  # noqa: E402
+from hf_blockcbo.pipeline import Selection, calibrate, ground_lead, prune_and_save  # noqa: E402
 from hf_blockcbo.selection.rounds import solve_with_rounds  # noqa: E402
 from hf_blockcbo.selection.scorers import ScoringContext, score  # noqa: E402
 from hf_blockcbo.surgery.architectures import count_parameters, describe_blocks  # noqa: E402
@@ -157,13 +157,23 @@ def _solve(artifact: HessianArtifact, num_remove: int, top_k: int, model_id: str
 
 
 # -- 2. the spectrum ----------------------------------------------------------------------------------------------
-def _figures(artifact: HessianArtifact, result):
+def lead_caption(lead: dict | None) -> str:
+    """The ground state's lead over rank 1 as the spectrum's caption says it (`pipeline.ground_lead`'s record)."""
+    if lead is None:
+        return ""
+    tie = "a tie" if not lead["resolved"] else "resolved"
+    return f"rank 0 leads rank 1 by {lead['lead']:.3g} ± {lead['standard_error']:.2g} ({tie})"
+
+
+def _figures(artifact: HessianArtifact, result, lead: dict | None = None):
     n = artifact.num_blocks
     spectrum, ax = plt.subplots(figsize=(5, 3.2))
     ax.plot([c.rank for c in result.candidates], [c.energy for c in result.candidates], "o-", ms=3)
     ax.set_xlabel("rank")
     ax.set_ylabel("energy xᵀHx")
     ax.set_title("low-energy spectrum" + (" (certified exact)" if result.certified else ""))
+    if lead is not None:  # does the calibration resolve the ground state from the next? (docs/results.md §1)
+        ax.text(0.02, 0.96, lead_caption(lead), transform=ax.transAxes, va="top", fontsize=8)
     spectrum.tight_layout()
     grid = np.zeros((len(result.candidates), n))
     for row, c in enumerate(result.candidates):
@@ -198,7 +208,11 @@ def spectrum(model_id: str, num_remove: int, top_k: int):
     """Energy spectrum, block-frequency map, Hessian heat map, candidates and the baselines' choices."""
     artifact = _artifact(model_id)
     num_remove = int(min(max(int(num_remove), 1), artifact.num_blocks - 1))  # the slider adapts to the model
-    result, _ = _solve(artifact, num_remove, top_k, model_id)
+    result, rounds = _solve(artifact, num_remove, top_k, model_id)
+    lead = None
+    if not any(r["round"] > 0 for r in rounds or []):  # the spectrum is the artifact's energy
+        config = _config(model_id).replace(num_remove=num_remove)
+        lead = ground_lead(artifact, config, result.candidates, picked_by_energy=False)
     sizes = artifact.block_num_parameters or [0] * artifact.num_blocks
     total = int(artifact.metadata.get("num_parameters") or 0) or sum(sizes)
     rows = [
@@ -210,7 +224,7 @@ def spectrum(model_id: str, num_remove: int, top_k: int):
         ]
         for c in result.candidates
     ]
-    figures = _figures(artifact, result)
+    figures = _figures(artifact, result, lead)
     ranks = gr.update(choices=[r[0] for r in rows], value=0)
     slider = gr.update(maximum=artifact.num_blocks - 1, value=num_remove)
     return (*figures, rows, _baselines(model_id, num_remove, artifact), ranks, slider)
