@@ -278,15 +278,9 @@ def choose_blocks(
     result, rounds = solve_with_rounds(
         model, artifact, config, lambda: calibration_samples(tokenizer, config), progress=progress
     )
-    solver = {k: v for k, v in result.to_dict().items() if k != "candidates"}
-    if rounds is not None:
-        solver["rounds"] = rounds
+    by_energy = config.select == "energy" and config.rank is None
+    solver = solver_record(artifact, config, result, rounds, picked_by_energy=by_energy)
     candidates = result.candidates
-    if not any(r["round"] > 0 for r in rounds or []):  # the energy is the artifact's (no re-expansion ran)
-        by_energy = config.select == "energy" and config.rank is None
-        lead = ground_lead(artifact, config, candidates, picked_by_energy=by_energy)
-        if lead is not None:
-            solver["ground_lead"] = lead
     if config.rank is not None:
         if config.rank >= len(candidates):
             raise BlockCBOError(f"`rank` {config.rank} is beyond the {len(candidates)} states found")
@@ -330,6 +324,22 @@ def choose_blocks(
         selection.validation_data = validation.source
         selection.validation_ppl_unpruned = unpruned
     return selection, artifact
+
+
+def solver_record(
+    artifact: HessianArtifact, config: BlockRemovalConfig, result: SolveResult, rounds, picked_by_energy: bool
+) -> dict:
+    """The provenance's `solver` entry, as every face writes it: the solve (without its candidates), the rounds'
+    records, and the ground state's lead over its runner-up where the energy is the artifact's (no round
+    re-expanded it; :func:`ground_lead`, which warns when ``picked_by_energy`` and the rows do not resolve it)."""
+    solver = {k: v for k, v in result.to_dict().items() if k != "candidates"}
+    if rounds is not None:
+        solver["rounds"] = rounds
+    if not any(r["round"] > 0 for r in rounds or []):
+        lead = ground_lead(artifact, config, result.candidates, picked_by_energy)
+        if lead is not None:
+            solver["ground_lead"] = lead
+    return solver
 
 
 def ground_lead(artifact: HessianArtifact, config: BlockRemovalConfig, candidates, picked_by_energy: bool):

@@ -28,7 +28,7 @@ from hf_blockcbo.errors import BlockCBOError  # noqa: E402
 from hf_blockcbo.evaluation.likelihood import perplexity  # noqa: E402
 from hf_blockcbo.hessian.artifact import HessianArtifact  # noqa: E402
 from hf_blockcbo.models import load_model, model_fingerprint, resolve_model  # noqa: E402
-from hf_blockcbo.pipeline import Selection, calibrate, ground_lead, prune_and_save  # noqa: E402
+from hf_blockcbo.pipeline import Selection, calibrate, prune_and_save, solver_record  # noqa: E402
 from hf_blockcbo.selection.rounds import solve_with_rounds  # noqa: E402
 from hf_blockcbo.selection.scorers import ScoringContext, score  # noqa: E402
 from hf_blockcbo.surgery.architectures import count_parameters, describe_blocks  # noqa: E402
@@ -67,7 +67,7 @@ _lock = threading.Lock()
 _models: dict[str, tuple] = {}
 _artifacts: dict[str, HessianArtifact] = {}
 _configs: dict[str, BlockRemovalConfig] = {}  # the config each model's artifact was computed with
-_solutions: dict[tuple, tuple] = {}  # (model, M, K) -> (result, rounds) on its current artifact, as `prune` solves it
+_solutions: dict[tuple, tuple] = {}  # (model, M, K) -> (result, solver record) on its current artifact, as `prune`
 _stats: dict[str, dict] = {}
 
 
@@ -144,15 +144,18 @@ def _config(model_id: str) -> BlockRemovalConfig:
 
 def _solve(artifact: HessianArtifact, num_remove: int, top_k: int, model_id: str | None = None):
     """The spectrum exactly as `hf-blockcbo prune` solves it: the same config fields and the same call, rounds of
-    re-expansion (when their trigger fires) included; (result, rounds), cached per setting."""
+    re-expansion (when their trigger fires) included; (result, the provenance's `solver` entry as `prune` writes it),
+    cached per setting."""
     model_id = model_id or ""
     config = _config(model_id).replace(num_remove=int(num_remove), top_k=int(min(max(int(top_k), 1), 100)))
     key = (model_id, config.num_remove, config.top_k)  # emptied for the model when its artifact is recomputed
     if key not in _solutions:
         model, tokenizer, _ = _model(model_id)
-        _solutions[key] = solve_with_rounds(
+        result, rounds = solve_with_rounds(
             model, artifact, config, lambda: calibration_samples(tokenizer, config), progress=False
         )
+        # the user picks the rank, so the energy alone never picks here: no tie warning
+        _solutions[key] = result, solver_record(artifact, config, result, rounds, picked_by_energy=False)
     return _solutions[key]
 
 
@@ -208,11 +211,8 @@ def spectrum(model_id: str, num_remove: int, top_k: int):
     """Energy spectrum, block-frequency map, Hessian heat map, candidates and the baselines' choices."""
     artifact = _artifact(model_id)
     num_remove = int(min(max(int(num_remove), 1), artifact.num_blocks - 1))  # the slider adapts to the model
-    result, rounds = _solve(artifact, num_remove, top_k, model_id)
-    lead = None
-    if not any(r["round"] > 0 for r in rounds or []):  # the spectrum is the artifact's energy
-        config = _config(model_id).replace(num_remove=num_remove)
-        lead = ground_lead(artifact, config, result.candidates, picked_by_energy=False)
+    result, solver = _solve(artifact, num_remove, top_k, model_id)
+    lead = solver.get("ground_lead")
     sizes = artifact.block_num_parameters or [0] * artifact.num_blocks
     total = int(artifact.metadata.get("num_parameters") or 0) or sum(sizes)
     rows = [
@@ -300,13 +300,10 @@ def download(model_id: str, num_remove: int, top_k: int, rank: int, repair: bool
     import copy
 
     artifact = _artifact(model_id)
-    result, rounds = _solve(artifact, num_remove, top_k, model_id)
+    result, solver = _solve(artifact, num_remove, top_k, model_id)
     rank = int(rank or 0)
     if rank >= len(result.candidates):
         raise gr.Error(f"pick a rank below {len(result.candidates)}")
-    solver = {k: v for k, v in result.to_dict().items() if k != "candidates"}
-    if rounds is not None:
-        solver["rounds"] = rounds
     candidate = result.candidates[rank]
     model, tokenizer, source = _model(model_id)
     selection = Selection(
