@@ -198,6 +198,7 @@ def distill(args, model, tokenizer, source, config, selection, tests, unpruned) 
     work = Path(tempfile.mkdtemp(prefix="repair_bench_"))
     teacher = config.model or "embedded:smollm2"  # the unpruned model the student came from
     out = []
+    long_arm = None  # the long arm's per-window test losses, once measured
     try:
         short_lrs = [float(x) for x in args.heal_short_lr.split(",")] if args.heal_short_lr else [args.heal_lr]
         arms = [] if args.short_arm_only else [("distilled", False, args.heal_steps, args.heal_lr)]
@@ -230,17 +231,17 @@ def distill(args, model, tokenizer, source, config, selection, tests, unpruned) 
             losses = {name: window_losses(healed, test) for name, test in tests.items()}
             for name, loss in losses.items():
                 row[name] = loss.perplexity
-                if out and not args.short_arm_only:  # against the long arm, paired over the same test windows
-                    first = out[0]["_losses"][name]
-                    ratio, low, high = paired_ratio_interval(loss.nll, first.nll, loss.tokens)
+                if long_arm is not None:  # against the long arm, paired over the same test windows
+                    ratio, low, high = paired_ratio_interval(loss.nll, long_arm[name].nll, loss.tokens)
                     row[f"{name} / long arm"], row[f"{name} low"], row[f"{name} high"] = ratio, low, high
-            row["_losses"] = losses
+            if arm == 0 and not args.short_arm_only:
+                long_arm = losses
             out.append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "_losses"}), flush=True)
+            print(json.dumps(row), flush=True)
             del healed
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return [{k: v for k, v in row.items() if k != "_losses"} for row in out]
+    return out
 
 
 def write(args, rows, heal_rows, unpruned, tests) -> None:

@@ -156,10 +156,9 @@ class BlockRemovalCallback(TrainerCallback):
             raise BlockCBOError("remove_at_step needs config.num_remove")
         # the same rounds `prune` runs, on the Hessian pass's samples
         result, self.rounds = solve_with_rounds(model, self.artifact, self.config, lambda: self.calibration, False)
-        if not any(r["round"] > 0 for r in self.rounds or []):  # the cut is the artifact's ground state
-            from .pipeline import ground_lead
+        from .pipeline import ground_lead
 
-            self.ground_lead = ground_lead(self.artifact, self.config, result.candidates, picked_by_energy=True)
+        self.ground_lead = ground_lead(self.artifact, self.config, result, self.rounds, picked_by_energy=True)
         blocks = list(result.candidates[0].blocks)
         check_removal(model, blocks)
         if self.config.repair:  # fitted on the Hessian pass's samples, folded before the cut; training follows

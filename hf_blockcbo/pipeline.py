@@ -243,7 +243,7 @@ def choose_blocks(
 ) -> tuple[Selection, HessianArtifact | None]:
     """Decide which blocks go: explicit blocks, a candidates file, CBO (+ validation selection) or a baseline scorer."""
     from .evaluation.likelihood import perplexity
-    from .selection.rounds import solve_with_rounds
+    from .selection.rounds import rounds_run, solve_with_rounds
     from .selection.scorers import ScoringContext, score
     from .selection.validation import select_by_validation
 
@@ -303,7 +303,7 @@ def choose_blocks(
         )
         metric = "KL from the unpruned model" if config.validation_metric == "kl" else "perplexity"
         how = f"validation {metric} over the {len(candidates)} lowest states ({validation.source})"
-        ran = [r for r in rounds or [] if r["round"] > 0]  # round 0: the trigger's check, not a round
+        ran = rounds_run(rounds)
         if ran:
             how += f", after {len(ran)} round(s) of re-expansion"
         if aware:
@@ -335,20 +335,24 @@ def solver_record(
     solver = {k: v for k, v in result.to_dict().items() if k != "candidates"}
     if rounds is not None:
         solver["rounds"] = rounds
-    if not any(r["round"] > 0 for r in rounds or []):
-        lead = ground_lead(artifact, config, result.candidates, picked_by_energy)
-        if lead is not None:
-            solver["ground_lead"] = lead
+    lead = ground_lead(artifact, config, result, rounds, picked_by_energy)
+    if lead is not None:
+        solver["ground_lead"] = lead
     return solver
 
 
-def ground_lead(artifact: HessianArtifact, config: BlockRemovalConfig, candidates, picked_by_energy: bool):
-    """The ground state's lead over its runner-up, paired over the calibration rows, as the provenance records it
-    (None without a runner-up or with one row); one warning line where the energy alone picks (``picked_by_energy``:
-    `select: energy`, the callback's cut) between two states its rows do not resolve."""
+def ground_lead(
+    artifact: HessianArtifact, config: BlockRemovalConfig, result: SolveResult, rounds, picked_by_energy: bool
+) -> dict | None:
+    """The ground state's lead over its runner-up, paired over the calibration rows, as the provenance records it;
+    None where rounds re-expanded the energy (the rows are the artifact's), without a runner-up or with one row. One
+    warning line where the energy alone picks (``picked_by_energy``: `select: energy`, the callback's cut) between
+    two states its rows do not resolve."""
     from .selection.diagnose import ground_margin
+    from .selection.rounds import rounds_run
 
-    margin = ground_margin(artifact, config, [c.blocks for c in candidates])
+    candidates = result.candidates
+    margin = None if rounds_run(rounds) else ground_margin(artifact, config, [c.blocks for c in candidates])
     if margin is None:
         return None
     if not margin.resolved and picked_by_energy:
@@ -362,12 +366,7 @@ def ground_lead(artifact: HessianArtifact, config: BlockRemovalConfig, candidate
             margin.standard_error,
             artifact.num_samples,
         )
-    return {
-        "runner_up": list(margin.runner_up),
-        "lead": margin.lead,
-        "standard_error": margin.standard_error,
-        "resolved": margin.resolved,
-    }
+    return margin.to_dict()
 
 
 def repaired_candidate(model: nn.Module, tokenizer, config: BlockRemovalConfig):

@@ -162,21 +162,24 @@ class HessianArtifact:
 
         With β = 1, E/2 is the second-order Taylor estimate of the loss change; β = 0 is the paper's default.
         """
-        if beta and self.curvature != "empirical":
-            raise BlockCBOError(
-                f"beta weighs the data's mean gradient, which only the empirical curvature has (this artifact's is "
-                f"{self.curvature!r}); set beta to 0"
-            )
+        self._check_beta(beta)
         q = self.H.clone()
         if beta:
             q -= torch.diag(2.0 * beta * self.g)
         return q
 
+    def _check_beta(self, beta: float) -> None:
+        if beta and self.curvature != "empirical":
+            raise BlockCBOError(
+                f"beta weighs the data's mean gradient, which only the empirical curvature has (this artifact's is "
+                f"{self.curvature!r}); set beta to 0"
+            )
+
     def row_energies(self, states: Sequence[Sequence[int]], beta: float = 0.0) -> torch.Tensor:
         """``[m, S]``, float64: each calibration row's energy of each state, whose mean over the rows is the state's
         energy xᵀQx (``energy_matrix(beta)``): (aᵀx)² − 2β·aᵀx for a gradient row a, xᵀQ_s x for a measured one.
         Their spread says how well the rows resolve one state from another."""
-        self.energy_matrix(beta)  # refuses a beta the curvature has no data gradient for
+        self._check_beta(beta)
         x = torch.zeros(len(states), self.num_blocks, dtype=torch.float64)
         for k, state in enumerate(states):
             x[k, list(state)] = 1.0

@@ -140,6 +140,15 @@ class Margin:
     def resolved(self) -> bool:
         return self.lead >= 2.0 * self.standard_error
 
+    def to_dict(self) -> dict:
+        """As the provenance records it (`solver.ground_lead`)."""
+        return {
+            "runner_up": list(self.runner_up),
+            "lead": self.lead,
+            "standard_error": self.standard_error,
+            "resolved": self.resolved,
+        }
+
 
 def ground_margin(artifact: HessianArtifact, config: BlockRemovalConfig, states: Sequence[tuple[int, ...]]):
     """The :class:`Margin` of ``states[0]`` (the ground state) over ``states[1]``; None with one state or one row."""

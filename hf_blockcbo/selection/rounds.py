@@ -39,6 +39,11 @@ def rounds_apply(config, artifact: HessianArtifact | None) -> bool:
     return config.measured_rounds > 0 and artifact is not None and artifact.curvature == "measured"
 
 
+def rounds_run(records: list[dict] | None) -> list[dict]:
+    """The records of rounds that re-expanded the energy (``round`` 0 is the trigger's check, not a round)."""
+    return [r for r in records or [] if r["round"] > 0]
+
+
 def solve_with_rounds(
     model: nn.Module,
     artifact: HessianArtifact,

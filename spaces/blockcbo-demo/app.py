@@ -67,7 +67,7 @@ _lock = threading.Lock()
 _models: dict[str, tuple] = {}
 _artifacts: dict[str, HessianArtifact] = {}
 _configs: dict[str, BlockRemovalConfig] = {}  # the config each model's artifact was computed with
-_solutions: dict[tuple, tuple] = {}  # (model, M, K) -> (result, solver record) on its current artifact, as `prune`
+_solutions: dict[tuple, tuple] = {}  # (model, M, K) -> (result, solver record), as `prune` writes it
 _stats: dict[str, dict] = {}
 
 
