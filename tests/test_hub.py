@@ -88,6 +88,34 @@ def test_card_yaml_passes_the_hub_validator(hub, pruned):
     assert hub.validated_yaml and hub.validated_yaml[-1]["library_name"] == "transformers"
 
 
+@pytest.mark.parametrize("resolved", [True, False])
+def test_card_says_whether_the_ground_state_leads_its_runner_up(pruned, resolved):
+    from hf_blockcbo.hub.publish import model_card
+
+    out, _ = pruned
+    record = out / "block_removal.json"
+    provenance = json.loads(record.read_text())
+    se = 0.002
+    lead = {"runner_up": [0, 3], "lead": 0.01 if resolved else 0.003, "standard_error": se, "resolved": resolved}
+    provenance["solver"] = {**(provenance.get("solver") or {}), "ground_lead": lead}
+    record.write_text(json.dumps(provenance))
+    card = str(model_card(out, "tester/x"))
+    line = next(x for x in card.splitlines() if "leads the second-lowest" in x)
+    assert "(blocks 0, 3)" in line and f"{lead['lead']:.4g} ± {se:.2g}" in line
+    assert ("tells the two apart" in line) == resolved and ("a tie at this calibration size" in line) != resolved
+
+
+def test_card_without_a_lead_says_nothing_of_one(pruned):
+    from hf_blockcbo.hub.publish import model_card
+
+    out, _ = pruned
+    record = out / "block_removal.json"
+    provenance = json.loads(record.read_text())
+    (provenance.get("solver") or {}).pop("ground_lead", None)
+    record.write_text(json.dumps(provenance))
+    assert "leads the second-lowest" not in str(model_card(out, "tester/x"))
+
+
 def test_failed_upload_leaves_nothing_half_published(hub, pruned, capsys):
     out, _ = pruned
     hub.fail_next_commit = True
