@@ -74,7 +74,11 @@ def main() -> None:
         "on Gemma) and add its columns",
     )
     parser.add_argument("--heal-steps", type=int, default=300, help="0: no distillation rows")
-    parser.add_argument("--heal-short", type=int, default=100)
+    parser.add_argument(
+        "--heal-short",
+        default="100",
+        help="steps of the short arms, comma-separated (e.g. 100,150,200: how many steps the repaired start needs)",
+    )
     parser.add_argument(
         "--short-arm-only",
         action="store_true",
@@ -83,7 +87,7 @@ def main() -> None:
     parser.add_argument(
         "--also-short-unrepaired",
         action="store_true",
-        help="also distil the unrepaired choice for --heal-short steps: what the repair adds at equal steps",
+        help="also distil the unrepaired choice for each --heal-short: what the repair adds at equal steps",
     )
     parser.add_argument("--heal-lr", type=float, default=1e-4, help="learning rate of both distillation arms")
     parser.add_argument(
@@ -202,9 +206,10 @@ def distill(args, model, tokenizer, source, config, selection, tests, unpruned) 
     try:
         short_lrs = [float(x) for x in args.heal_short_lr.split(",")] if args.heal_short_lr else [args.heal_lr]
         arms = [] if args.short_arm_only else [("distilled", False, args.heal_steps, args.heal_lr)]
-        if args.also_short_unrepaired:
-            arms.append(("distilled", False, args.heal_short, args.heal_lr))
-        arms += [("repaired + distilled", True, args.heal_short, lr) for lr in short_lrs]
+        for short in short_steps(args):
+            if args.also_short_unrepaired:
+                arms.append(("distilled", False, short, args.heal_lr))
+            arms += [("repaired + distilled", True, short, lr) for lr in short_lrs]
         for arm, (label, repaired, steps, lr) in enumerate(arms):  # one folder per arm: two rates, two students
             student = work / f"student_{arm}"
             began = time.perf_counter()
@@ -227,7 +232,13 @@ def distill(args, model, tokenizer, source, config, selection, tests, unpruned) 
             heal(student, teacher, None, work / f"healed_{arm}", heal_args, eval_samples=8)
             heal_s = time.perf_counter() - began
             healed = AutoModelForCausalLM.from_pretrained(work / f"healed_{arm}").eval()
-            row = {"method": f"cbo {label} ({steps} steps, lr {lr:g})", "prepare_s": prepare_s, "heal_s": heal_s}
+            row = {
+                "method": f"cbo {label} ({steps} steps, lr {lr:g})",
+                "steps": steps,
+                "repaired": repaired,
+                "prepare_s": prepare_s,
+                "heal_s": heal_s,
+            }
             losses = {name: window_losses(healed, test) for name, test in tests.items()}
             for name, loss in losses.items():
                 row[name] = loss.perplexity
@@ -242,6 +253,11 @@ def distill(args, model, tokenizer, source, config, selection, tests, unpruned) 
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def short_steps(args) -> list[int]:
+    """The short arms' step counts (``--heal-short``), in order."""
+    return [int(x) for x in args.heal_short.split(",") if x]
 
 
 def write(args, rows, heal_rows, unpruned, tests) -> None:
@@ -261,6 +277,8 @@ def write(args, rows, heal_rows, unpruned, tests) -> None:
         name += f"_repair_samples_{args.repair_samples}"
     if args.short_arm_only and args.heal_steps:
         name += "_short_arm"
+    if len(short_steps(args)) > 1 and args.heal_steps:
+        name += "_steps_" + "_".join(map(str, short_steps(args)))
     labels = list(tests)
     lines = [
         f"# Training-free repair: {args.model}, M = {args.remove}",
@@ -321,6 +339,8 @@ def write(args, rows, heal_rows, unpruned, tests) -> None:
                 f"| {h['method']} | " + " | ".join(f"{h[k]:.2f}" for k in labels) + f" |{ratios} {wall:.0f} |"
             )
     (out / f"{name}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    if len({h["steps"] for h in heal_rows}) > 2:
+        plot_steps(out / f"{name}_steps.png", args, heal_rows, labels)
     with (out / f"{name}.csv").open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=sorted({k for r in rows + heal_rows for k in r}))
         writer.writeheader()
@@ -346,6 +366,32 @@ def write(args, rows, heal_rows, unpruned, tests) -> None:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / f"{name}.png", dpi=110)
+
+
+def plot_steps(path: Path, args, heal_rows, labels) -> None:
+    """Test perplexity against distillation steps, repaired and unrepaired, with the long arm as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    long_steps = None if args.short_arm_only else args.heal_steps
+    fig, axes = plt.subplots(1, len(labels), figsize=(5.5 * len(labels), 4))
+    for ax, k in zip(axes, labels, strict=True):
+        for repaired, style in ((False, "o--"), (True, "s-")):
+            arm = sorted((h["steps"], h[k]) for h in heal_rows if h["repaired"] == repaired)
+            if long_steps is not None and not repaired:
+                long = [h[k] for h in heal_rows if h["steps"] == long_steps and not h["repaired"]]
+                if long:
+                    ax.axhline(long[0], color="grey", ls=":", label=f"{long_steps} steps, unrepaired")
+            if arm:
+                ax.plot(*zip(*arm, strict=True), style, label="repaired start" if repaired else "unrepaired start")
+        ax.set_xlabel("distillation steps")
+        ax.set_ylabel(f"test perplexity, {k}")
+        ax.set_title(f"{args.model}, M = {args.remove}: {k}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
