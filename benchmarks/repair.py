@@ -339,7 +339,8 @@ def write(args, rows, heal_rows, unpruned, tests) -> None:
                 f"| {h['method']} | " + " | ".join(f"{h[k]:.2f}" for k in labels) + f" |{ratios} {wall:.0f} |"
             )
     (out / f"{name}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    if len({h["steps"] for h in heal_rows}) > 2:
+    one_rate = not args.heal_short_lr or "," not in args.heal_short_lr
+    if len({h["steps"] for h in heal_rows}) > 2 and one_rate:  # a curve over steps, one per start
         plot_steps(out / f"{name}_steps.png", args, heal_rows, labels)
     with (out / f"{name}.csv").open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=sorted({k for r in rows + heal_rows for k in r}))
@@ -370,10 +371,13 @@ def write(args, rows, heal_rows, unpruned, tests) -> None:
 
 def plot_steps(path: Path, args, heal_rows, labels) -> None:
     """Test perplexity against distillation steps, repaired and unrepaired, with the long arm as a line."""
-    import matplotlib
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
 
     long_steps = None if args.short_arm_only else args.heal_steps
     fig, axes = plt.subplots(1, len(labels), figsize=(5.5 * len(labels), 4))
