@@ -339,8 +339,8 @@ def write(args, rows, heal_rows, unpruned, tests) -> None:
                 f"| {h['method']} | " + " | ".join(f"{h[k]:.2f}" for k in labels) + f" |{ratios} {wall:.0f} |"
             )
     (out / f"{name}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    one_rate = not args.heal_short_lr or "," not in args.heal_short_lr
-    if len({h["steps"] for h in heal_rows}) > 2 and one_rate:  # a curve over steps, one per start
+    one_row_per_point = len({(h["steps"], h["repaired"]) for h in heal_rows}) == len(heal_rows)  # one rate
+    if len({h["steps"] for h in heal_rows}) > 2 and one_row_per_point:  # a curve over steps, one per start
         plot_steps(out / f"{name}_steps.png", args, heal_rows, labels)
     with (out / f"{name}.csv").open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=sorted({k for r in rows + heal_rows for k in r}))
@@ -379,15 +379,13 @@ def plot_steps(path: Path, args, heal_rows, labels) -> None:
     except ImportError:
         return
 
-    long_steps = None if args.short_arm_only else args.heal_steps
+    long = None if args.short_arm_only else heal_rows[0]  # distill() runs the long arm first
     fig, axes = plt.subplots(1, len(labels), figsize=(5.5 * len(labels), 4))
     for ax, k in zip(axes, labels, strict=True):
+        if long is not None:
+            ax.axhline(long[k], color="grey", ls=":", label=f"{long['steps']} steps, unrepaired")
         for repaired, style in ((False, "o--"), (True, "s-")):
             arm = sorted((h["steps"], h[k]) for h in heal_rows if h["repaired"] == repaired)
-            if long_steps is not None and not repaired:
-                long = [h[k] for h in heal_rows if h["steps"] == long_steps and not h["repaired"]]
-                if long:
-                    ax.axhline(long[0], color="grey", ls=":", label=f"{long_steps} steps, unrepaired")
             if arm:
                 ax.plot(*zip(*arm, strict=True), style, label="repaired start" if repaired else "unrepaired start")
         ax.set_xlabel("distillation steps")
