@@ -51,6 +51,12 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--ridge", type=float, default=None, help="default: the config's repair_ridge")
     parser.add_argument(
+        "--depth",
+        type=int,
+        default=None,
+        help="kept blocks refitted after each gap (default: the config's repair_depth)",
+    )
+    parser.add_argument(
         "--weighting", default=None, help="the repair's token weighting (default: the config's repair_weighting)"
     )
     parser.add_argument(
@@ -120,6 +126,8 @@ def main() -> None:
     )
     if args.ridge is not None:
         config.repair_ridge = args.ridge
+    if args.depth is not None:
+        config.repair_depth = args.depth
     if args.weighting is not None:
         config.repair_weighting = args.weighting
     if args.kind is not None:
@@ -217,7 +225,9 @@ def distill(args, model, tokenizer, source, config, selection, tests, unpruned) 
                 copy.deepcopy(model), tokenizer, selection, student, source, heal_config.replace(repair=repaired)
             )
             if repaired:  # the form fitted, in the row's name
-                label = label.replace("repaired", f"repaired ({summary['repair']['kind']})")
+                depth = summary["repair"].get("depth")
+                form = summary["repair"]["kind"] + (f", depth {depth}" if depth else "")
+                label = label.replace("repaired", f"repaired ({form})")
             prepare_s = time.perf_counter() - began
             heal_args = HealConfig(
                 output_dir=str(work / "ckpt"),
@@ -273,6 +283,8 @@ def write(args, rows, heal_rows, unpruned, tests) -> None:
         name += f"_kind_{args.kind}"
     if args.ridge is not None:
         name += f"_ridge_{args.ridge:g}"
+    if args.depth is not None:
+        name += f"_depth_{args.depth}"
     if args.repair_samples != BlockRemovalConfig.repair_samples:
         name += f"_repair_samples_{args.repair_samples}"
     if args.short_arm_only and args.heal_steps:

@@ -5,7 +5,7 @@
 
 (`eval_data` from `python examples/offline_eval_data.py --output eval_data`.) Every state (given by name and blocks,
 e.g. the picks of a `benchmarks/repair.py` run) is measured unrepaired once, then repaired with every fit: each ridge
-in ``--ridges`` times each data choice in ``--fits`` (``default``: the config's calibration data; otherwise a
+in ``--ridges`` times each refit depth in ``--depths`` times each data choice in ``--fits`` (``default``: the config's calibration data; otherwise a
 ``repair_data`` value, whose comma-separated sources share the windows). For each: test perplexity on *Persuasion*
 and *As You Like It* and the share of the rise (pruned - unpruned) the repair removes. Writes
 ``repair_sweep_<name>.{md,csv,png}``; everything is measured in this one run, on one loaded model.
@@ -43,6 +43,9 @@ def main() -> None:
     parser.add_argument("--states", required=True, help='name=blocks separated by ";", e.g. "cbo=13,14,15,16,17,18"')
     parser.add_argument("--ridges", default="0.3", help="comma-separated ridges (the config's repair_ridge)")
     parser.add_argument(
+        "--depths", default="0", help="comma-separated refit depths after each gap (the config's repair_depth)"
+    )
+    parser.add_argument(
         "--fits",
         default="default",
         help='data choices separated by ";": default (the calibration data) or a repair_data value, e.g. '
@@ -57,6 +60,7 @@ def main() -> None:
     args = parser.parse_args()
     states = parse_states(args.states)
     ridges = [float(r) for r in args.ridges.split(",")]
+    depths = [int(d) for d in args.depths.split(",")]
     fits = [f.strip() for f in args.fits.split(";") if f.strip()]
     torch.manual_seed(0)
     model_arg = model_argument(args.model)
@@ -72,11 +76,12 @@ def main() -> None:
     for name, blocks in states.items():
         pruned = {label: perplexity(model, test, blocks) for label, test in tests.items()}
         for fit in fits:
-            for ridge in ridges:
-                settings = base.replace(repair_ridge=ridge).repair_settings
+            for ridge, depth in [(r, d) for r in ridges for d in depths]:
+                settings = base.replace(repair_ridge=ridge, repair_depth=depth).repair_settings
                 began = time.perf_counter()
                 repair = fit_repair(model, blocks, samples[fit], settings, base.batch_size)
-                row = {"state": name, "blocks": blocks, "fit": fit, "ridge": ridge, "kind": repair.kind}
+                row = {"state": name, "blocks": blocks, "fit": fit, "ridge": ridge, "depth": depth}
+                row["kind"] = repair.kind
                 row["repair_s"] = round(time.perf_counter() - began, 1)
                 with repair.applied(model):
                     for label, test in tests.items():
@@ -94,10 +99,10 @@ def main() -> None:
     lines = [
         f"unpruned: {', '.join(f'{k} {v:.2f}' for k, v in unpruned.items())}",
         "",
-        "| state | blocks | fit data | ridge | map | "
+        "| state | blocks | fit data | ridge | depth | map | "
         + " | ".join(f"{label} pruned → repaired | rise removed" for label in labels)
         + " | repair s |",
-        "| --- | --- | --- | --- | --- | " + " | ".join("--- | ---" for _ in labels) + " | --- |",
+        "| --- | --- | --- | --- | --- | --- | " + " | ".join("--- | ---" for _ in labels) + " | --- |",
     ]
     for r in rows:
         cells = " | ".join(
@@ -105,14 +110,16 @@ def main() -> None:
             for label in labels
         )
         lines.append(
-            f"| {r['state']} | {r['blocks']} | {r['fit']} | {r['ridge']:g} | {r['kind']} | {cells} | {r['repair_s']} |"
+            f"| {r['state']} | {r['blocks']} | {r['fit']} | {r['ridge']:g} | {r['depth']} | {r['kind']} | {cells} | "
+            f"{r['repair_s']} |"
         )
     write_tables(out, stem, lines, rows)
-    plot(out / f"{stem}.png", rows, labels, fits)
+    plot(out / f"{stem}.png", rows, labels)
 
 
-def plot(path: Path, rows: list[dict], labels: list[str], fits: list[str]) -> None:
-    """Share of the rise removed against the ridge: one panel per domain, a line per (state, fit)."""
+def plot(path: Path, rows: list[dict], labels: list[str]) -> None:
+    """Share of the rise removed against the ridge (or, with one ridge, the depth): one panel per domain, a line per
+    state and remaining setting."""
     try:
         import matplotlib
 
@@ -121,16 +128,18 @@ def plot(path: Path, rows: list[dict], labels: list[str], fits: list[str]) -> No
     except ImportError:
         print("matplotlib is not installed: no plot")
         return
+    x = "ridge" if len({r["ridge"] for r in rows}) > 1 else "depth"
+    rest = [k for k in ("fit", "depth" if x == "ridge" else "ridge") if len({r[k] for r in rows}) > 1]
     fig, axes = plt.subplots(1, len(labels), figsize=(5.5 * len(labels), 4), sharey=True)
     for ax, label in zip(axes, labels, strict=True):
-        for state in dict.fromkeys(r["state"] for r in rows):
-            for fit in fits:
-                line = [r for r in rows if r["state"] == state and r["fit"] == fit]
-                name = state if len(fits) == 1 else f"{state}, fit {fit}"
-                ax.plot([r["ridge"] for r in line], [100 * r[f"{label} removed"] for r in line], "o-", label=name)
+        for key in dict.fromkeys((r["state"], *(r[k] for k in rest)) for r in rows):
+            line = [r for r in rows if (r["state"], *(r[k] for k in rest)) == key]
+            name = ", ".join([key[0], *(f"{k} {v}" for k, v in zip(rest, key[1:], strict=True))])
+            ax.plot([r[x] for r in line], [100 * r[f"{label} removed"] for r in line], "o-", label=name)
         ax.axhline(50, color="grey", linestyle=":", linewidth=1)
-        ax.set_xscale("log")
-        ax.set_xlabel("ridge (towards no repair)")
+        if x == "ridge":
+            ax.set_xscale("log")
+        ax.set_xlabel("ridge (towards no repair)" if x == "ridge" else "kept blocks refitted after each gap")
         ax.set_title(label)
     axes[0].set_ylabel("share of the perplexity rise removed (%)")
     axes[0].legend(fontsize=7)

@@ -190,6 +190,12 @@ class BlockRemovalCallback(TrainerCallback):
                 "removing blocks during multi-process training needs TrainingArguments(ddp_find_unused_parameters="
                 "True); or remove after training (remove_at_step=None) and prune with `hf-blockcbo prune --hessian`"
             )
+        if self.remove_at_step is not None and self.config.repair and model is not None:
+            # a family whose repair (or refit depth) cannot fold is refused before any step, not at the cut
+            from .repair.least_squares import check_repairable, kind_before_training
+
+            kind = kind_before_training(model, self.config.repair_kind)
+            check_repairable(model, [], kind=kind, depth=self.config.repair_depth)
         if self.at == "train_begin" or (self.remove_at_step is not None and self.artifact is None):
             self.compute(args, model, self._dataloader(kwargs))
 

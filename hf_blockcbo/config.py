@@ -32,8 +32,15 @@ class RepairSettings:
     Args:
         ridge (`float`, *optional*, defaults to 0.3): λ relative to the mean of diag(UᵀU); it shrinks the map towards
             the identity (no repair). 0.3 repaired held-out text of another domain best on SmolLM2 (docs/results.md).
+            The refits of ``depth`` use the same ridge, relative to the mean of diag(XᵀX) of their own inputs.
         weighting (`str`, *optional*, defaults to ``"uniform"``): ``"uniform"`` weighs every token's error alike,
             ``"relative"`` by d / ‖g‖² (its target's scale); see repair/least_squares.py and docs/results.md §3.
+        depth (`int`, *optional*): after each gap's map, refit the output projection of this many kept blocks after
+            the gap (before the next gap) so each one's output stream matches the unpruned model's (repair/refit.py);
+            0: the gap's map only. Unset (``None``, the default): 1 where that block's last branch ends in a dense
+            projection (not behind Gemma's post-norm, not a mixture of experts), else 0; on SmolLM2 one refit added
+            7-11 points of the rise removed on held-out text and made repair + 100 distillation steps match 300
+            (docs/results.md §3).
         kind (`str`, *optional*, defaults to ``"auto"``): the map's form, where the family folds it (post-norm
             families: ``renormalised``, ``diagonal`` or ``rotation``); ``"auto"``: the architecture registry's choice.
     """
@@ -41,8 +48,13 @@ class RepairSettings:
     ridge: float = 0.3
     weighting: str = "uniform"
     kind: str = "auto"
+    depth: int | None = None
 
     def __post_init__(self) -> None:
+        if self.depth is not None and (
+            isinstance(self.depth, bool) or not isinstance(self.depth, int) or self.depth < 0
+        ):
+            raise BlockCBOError(f"repair_depth must be an integer >= 0, got {self.depth!r}")
         if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)) or not self.ridge >= 0:
             raise BlockCBOError(f"repair_ridge must be a number >= 0, got {self.ridge!r}")
         if self.weighting not in REPAIR_WEIGHTINGS:
@@ -211,6 +223,16 @@ class BlockRemovalConfig:
             "--heal`, the callback's removal; docs/results.md §3)."
         },
     )
+    repair_depth: int | None = field(
+        default=RepairSettings.depth,
+        metadata={
+            "help": "repair: also refit the output projection of this many kept blocks after each gap, so that each "
+            "one's output stream matches the unpruned model's (ridge least squares, folded into its weight; "
+            "families whose branches end in a dense projection, not Gemma's post-norm or experts). 0: the gap's map "
+            "only. Unset: 1 where the block has such a projection (+7-11 points of the rise removed on SmolLM2, "
+            "docs/results.md §3), else 0."
+        },
+    )
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -334,8 +356,8 @@ class BlockRemovalConfig:
 
     @property
     def repair_settings(self) -> RepairSettings:
-        """How the repair maps are fitted (ridge, weighting, kind), checked."""
-        return RepairSettings(self.repair_ridge, self.repair_weighting, self.repair_kind)
+        """How the repair maps are fitted (ridge, weighting, kind, depth), checked."""
+        return RepairSettings(self.repair_ridge, self.repair_weighting, self.repair_kind, self.repair_depth)
 
     @property
     def repair_sources(self) -> list[str]:

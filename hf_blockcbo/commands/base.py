@@ -82,6 +82,7 @@ GROUPS = {
         "repair_ridge",
         "repair_weighting",
         "repair_kind",
+        "repair_depth",
     ),
 }
 _CHOICES = {

@@ -106,6 +106,12 @@ class PruneCommand(BaseCommand):
                 f"Repaired {len(runs)} removed run(s) without training ({summary['repair']['kind']} maps folded into "
                 f"the weights, {summary['repair']['seconds']:.1f} s); relative stream error after each gap: {fits}"
             )
+            refits = summary["repair"].get("refits") or []
+            if refits:
+                fits = ", ".join(
+                    f"{r['block']}: {r['fit_error_before']:.3g} → {r['fit_error_after']:.3g}" for r in refits
+                )
+                print(f"Refitted the output projection of {len(refits)} kept block(s) after the gaps: {fits}")
         if args.heal:
             import shutil
 

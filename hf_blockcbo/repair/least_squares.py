@@ -23,7 +23,8 @@ fitted first, as above, and ``(A, s)`` are then fitted to reproduce its outputs 
 the loss (L-BFGS on the cached activations, started from A = diag(γ)·T). On Gemma-3-270M this keeps nearly all of
 the linear map's fit (stream error 0.026 against 0.024) where a scale per channel (``diagonal``, 0.244) or an
 orthogonal map (``rotation``: ``x̂(y·R) = x̂(y)·R``) keep little: docs/results.md §3. This is the idea of ReplaceMe
-(arXiv 2505.02819) and LinearPatch (arXiv 2505.24680), extended to any set of removed blocks.
+(arXiv 2505.02819) and LinearPatch (arXiv 2505.24680), extended to any set of removed blocks. With ``depth``
+(`repair_depth`), the output projections of the first kept blocks after each gap are refitted too: repair/refit.py.
 
 ```python
 repair = fit_repair(model, removed=[10, 11, 20], calibration=samples)
@@ -52,6 +53,7 @@ from ..errors import BlockCBOError
 from ..hessian.gradients import frozen_eval
 from ..surgery.architectures import ArchitectureSpec, get_architecture, get_layers
 from ..surgery.gates import BlockGates
+from .refit import Refit, RefitNormal, dense_projection, projection_inputs, refit_blocks
 
 
 _BEFORE_THE_NORM = ("rotation", "renormalised")  # a map folded before a post-norm, plus the norm's scale
@@ -77,10 +79,15 @@ def _embeddings_tied(model: nn.Module) -> bool:
 
 
 def check_repairable(
-    model: nn.Module, removed: Sequence[int], spec: ArchitectureSpec | None = None, kind: str | None = None
+    model: nn.Module,
+    removed: Sequence[int],
+    spec: ArchitectureSpec | None = None,
+    kind: str | None = None,
+    depth: int | None = None,
 ) -> str:
     """The repair kind for ``model`` (the family's, or ``kind`` where it folds there), or one clear error; runs no
-    forward pass."""
+    forward pass. An explicit ``depth > 0`` (refits after each gap) needs a dense output projection in each refitted
+    block; unset, the refits go where there is one."""
     spec = spec or get_architecture(model)
     if kind not in (None, "auto") and kind != spec.repair:
         folds = ("linear",) if spec.repair == "linear" else ("diagonal", *_BEFORE_THE_NORM)
@@ -102,7 +109,54 @@ def check_repairable(
             "into the embeddings without changing the output layer; protect block 0 (`protected`) or do without the "
             "repair (`repair=false`)"
         )
+    if depth:
+        _check_refittable(model, runs, spec, depth)
     return spec.repair
+
+
+def _check_refittable(model: nn.Module, runs, spec: ArchitectureSpec, depth: int) -> None:
+    if spec.repair != "linear":
+        raise BlockCBOError(
+            f"`repair_depth` refits a kept block's output projection, but the {spec.name!r} architecture passes each "
+            f"branch's output through a norm after it (its repair map is {spec.repair!r}), so no refit folds; set "
+            "`repair_depth=0`"
+        )
+    num_blocks = len(get_layers(model, spec))
+    for index in range(len(runs)):
+        for block in refit_blocks(runs, index, depth, num_blocks):
+            branch = contribution_module(model, block, spec)
+            if dense_projection(branch, _OUTPUT_PROJECTIONS) is None:
+                raise BlockCBOError(
+                    f"`repair_depth` refits a kept block's output projection, but block {block}'s last branch "
+                    f"({type(branch).__name__}) ends in none (experts or a norm); set `repair_depth=0`"
+                )
+
+
+def _refitted_blocks(model, runs, spec: ArchitectureSpec, kind: str, depth: int | None) -> tuple[list[list[int]], int]:
+    """The blocks refitted after each run and the depth used: ``depth`` as given (checked by `check_repairable`), or,
+    unset, 1 over the blocks whose last branch ends in a dense projection (none behind a post-norm)."""
+    num_blocks = len(get_layers(model, spec))
+    if depth is not None:
+        return [refit_blocks(runs, j, depth, num_blocks) for j in range(len(runs))], depth
+    if kind != "linear":
+        return [[] for _ in runs], 0
+    refitted = [
+        [
+            b
+            for b in refit_blocks(runs, j, 1, num_blocks)
+            if dense_projection(contribution_module(model, b, spec), _OUTPUT_PROJECTIONS)
+        ]
+        for j in range(len(runs))
+    ]
+    return refitted, 1 if any(refitted) else 0
+
+
+def _projection(model: nn.Module, block: int, spec: ArchitectureSpec | None = None) -> nn.Module:
+    """The dense output projection of block ``block``'s last branch (checked by `check_repairable`)."""
+    projection = dense_projection(contribution_module(model, block, spec), _OUTPUT_PROJECTIONS)
+    if projection is None:
+        raise BlockCBOError(f"block {block} has no dense output projection to refit; set `repair_depth=0`")
+    return projection
 
 
 def kind_before_training(model: nn.Module, kind: str | None) -> str:
@@ -166,9 +220,11 @@ class Repair:
     maps: list[RepairMap] = field(default_factory=list)
     seconds: float = 0.0
     weighting: str = "uniform"
+    depth: int = 0
+    refits: list[Refit] = field(default_factory=list)  # repair_depth: kept blocks' output projections, in order
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "kind": self.kind,
             "ridge": self.ridge,
             "weighting": self.weighting,
@@ -176,11 +232,18 @@ class Repair:
             "seconds": round(self.seconds, 3),
             "runs": [m.to_dict() for m in self.maps],
         }
+        if self.depth:
+            out.update(depth=self.depth, refits=[r.to_dict() for r in self.refits])
+        return out
 
     @contextlib.contextmanager
     def applied(self, model: nn.Module, spec: ArchitectureSpec | None = None) -> Iterator[None]:
-        """Hooks that map each source contribution by its ``T`` for the duration (the model's weights untouched)."""
-        handles = [_attach_map(model, m, spec) for m in self.maps]
+        """Hooks that map each source contribution by its ``T`` and add each refit's correction, for the duration
+        (the model's weights untouched)."""
+        # refits first: where a refitted projection is itself a gap's source module (OPT's fc2), the map must see
+        # the refitted output, as it did when it was fitted (forward hooks run in the order they are registered)
+        handles = [r.attach(_projection(model, r.block, spec)) for r in self.refits]
+        handles += [_attach_map(model, m, spec) for m in self.maps]
         try:
             yield
         finally:
@@ -188,10 +251,13 @@ class Repair:
                 handle.remove()
 
     def fold_into(self, model: nn.Module, spec: ArchitectureSpec | None = None) -> None:
-        """Rewrite the source weights so the model computes ``u·T`` without hooks; all or nothing."""
+        """Rewrite the weights so the model computes what `applied` does without hooks; all or nothing. Refits go
+        first: a refitted projection may be the source of a later gap's map, which was fitted on top of it."""
         spec = spec or get_architecture(model)
         saved = {name: p.detach().clone() for name, p in model.named_parameters()}
         try:
+            for r in self.refits:
+                r.fold(_projection(model, r.block, spec))
             for m in self.maps:
                 _fold(model, m, spec)
         except BaseException:
@@ -499,6 +565,30 @@ def _solve_renormalised(
     return best[1].double(), best[2].double(), before, best[0]
 
 
+def _fit_refit(model, layers, spec, repair: Repair, block: int, targets, calibration, batch_size, gate) -> Refit:
+    """The refit of block ``block``'s output projection on the model with ``repair`` (so far) applied."""
+    device = next(model.parameters()).device
+    projection = _projection(model, block, spec)
+    hidden = targets[0].shape[-1]
+    normal: RefitNormal | None = None
+    with repair.applied(model, spec), BlockGates(model, gate=gate, spec=spec) as gates:
+        gates.set_removed(repair.removed)
+        for b, (_, ids, mask) in enumerate(calibration.batches(batch_size)):
+            keep = mask.reshape(-1).bool().to(device)
+            _, h, x = _capture_contribution(model, layers, projection, block, ids.to(device), mask.to(device))
+            g = targets[b].double()
+            x = x.reshape(-1, x.shape[-1])[keep].double().cpu()
+            e = g - h.reshape(-1, hidden)[keep].double().cpu()
+            if not (torch.isfinite(x).all() and torch.isfinite(e).all()):
+                raise BlockCBOError(
+                    f"the activations of block {block} are not finite (NaN or inf); load the model in float32 "
+                    "(`dtype`) or check the weights"
+                )
+            normal = normal or RefitNormal(x.shape[-1], hidden)
+            normal.add(x, e, g, _token_weights(g, repair.weighting))
+    return normal.solve(block, repair.ridge)
+
+
 def fit_repair(
     model: nn.Module,
     removed: Sequence[int],
@@ -514,14 +604,15 @@ def fit_repair(
         model (`nn.Module`): the unpruned causal LM (blocks are switched off with gates while fitting).
         removed (`Sequence[int]`): the blocks that will be removed.
         calibration (`CalibrationSet`): the tokens the maps are fitted on; at least the hidden size of them.
-        settings (`RepairSettings`, *optional*): ridge, token weighting and the map's form (defaults: ridge 0.3,
-            uniform, the family's form); `BlockRemovalConfig.repair_settings` gives a run's.
+        settings (`RepairSettings`, *optional*): ridge, token weighting, the map's form and the depth of refits
+            after each gap (defaults: ridge 0.3, uniform, the family's form, 0); `BlockRemovalConfig.repair_settings`
+            gives a run's.
     """
     began = time.perf_counter()
     settings = settings or RepairSettings()
     ridge, weighting = settings.ridge, settings.weighting
     spec = get_architecture(model)
-    kind = check_repairable(model, removed, spec, settings.kind)
+    kind = check_repairable(model, removed, spec, settings.kind, settings.depth)
     hidden = model.get_input_embeddings().weight.shape[-1]
     valid_tokens = int(calibration.attention_mask.sum()) if len(calibration) else 0
     if valid_tokens < hidden:
@@ -530,21 +621,36 @@ def fit_repair(
             f"{valid_tokens}; raise `repair_samples` or `seq_len`"
         )
     layers = get_layers(model, spec)
+    runs = removed_runs(removed)
+    refitted, depth = _refitted_blocks(model, runs, spec, kind, settings.depth)
+    widest = max((projection_inputs(_projection(model, b, spec)) for bs in refitted for b in bs), default=0)
+    if valid_tokens < widest:
+        raise BlockCBOError(
+            f"`repair_depth` refits output projections with {widest} inputs and needs at least {widest} calibration "
+            f"tokens, got {valid_tokens}; raise `repair_samples` or `seq_len`, or lower `repair_depth`"
+        )
     device = next(model.parameters()).device
     repair = Repair(
-        removed=sorted(set(int(b) for b in removed)), kind=kind, ridge=ridge, tokens=valid_tokens, weighting=weighting
+        removed=sorted(set(int(b) for b in removed)),
+        kind=kind,
+        ridge=ridge,
+        tokens=valid_tokens,
+        weighting=weighting,
+        depth=depth,
     )
-    runs = removed_runs(removed)
-    bar = tqdm(total=(len(runs) + 1) * len(calibration), desc="fitting repair maps", disable=not progress, leave=False)
+    passes = len(runs) + 1 + sum(len(r) for r in refitted)
+    bar = tqdm(total=passes * len(calibration), desc="fitting repair maps", disable=not progress, leave=False)
     with frozen_eval(model), torch.no_grad():
-        # the unpruned stream after every gap, one pass (kept on the CPU in float32, valid tokens only)
-        targets: list[list[torch.Tensor]] = [[] for _ in runs]
+        # the unpruned stream after every gap (and every refitted block), one pass (float32 on the CPU, valid tokens)
+        after = sorted({stop - 1 for _, stop in runs} | {b for blocks in refitted for b in blocks})
+        streams_of: dict[int, list[torch.Tensor]] = {i: [] for i in after}
         for _, ids, mask in calibration.batches(batch_size):
-            streams = _capture_streams(model, layers, [stop - 1 for _, stop in runs], ids.to(device), mask.to(device))
+            streams = _capture_streams(model, layers, after, ids.to(device), mask.to(device))
             keep = mask.reshape(-1).bool()
-            for j, (_, stop) in enumerate(runs):
-                targets[j].append(streams[stop - 1].reshape(-1, hidden)[keep.to(device)].float().cpu())
+            for i in after:
+                streams_of[i].append(streams[i].reshape(-1, hidden)[keep.to(device)].float().cpu())
             bar.update(ids.shape[0])
+        targets = [streams_of[stop - 1] for _, stop in runs]
         for j, (start, stop) in enumerate(runs):
             source = start - 1
             module = contribution_module(model, source, spec)
@@ -580,7 +686,7 @@ def fit_repair(
                     normal.rr += float((w * r * r).sum())
                     normal.gg += float((w * g * g).sum())
                     bar.update(ids.shape[0])
-            targets[j] = []
+            targets[j] = streams_of[stop - 1] = []  # freed: the refits only need their own blocks' streams
             scale = None
             if run_kind in _BEFORE_THE_NORM:  # the post-norm's own scale γ: where the fit starts
                 gamma = module.weight.detach().double().cpu() + spec.norm_weight_offset
@@ -595,6 +701,13 @@ def fit_repair(
             repair.maps.append(
                 RepairMap(start, stop, source, matrix, before / total, max(after, 0.0) / total, run_kind, scale)
             )
+            for block in refitted[j]:
+                repair.refits.append(
+                    _fit_refit(
+                        model, layers, spec, repair, block, streams_of.pop(block), calibration, batch_size, gate
+                    )
+                )
+                bar.update(len(calibration))
     bar.close()
     repair.seconds = time.perf_counter() - began
     return repair
