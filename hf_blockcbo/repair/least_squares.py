@@ -605,8 +605,8 @@ def fit_repair(
         removed (`Sequence[int]`): the blocks that will be removed.
         calibration (`CalibrationSet`): the tokens the maps are fitted on; at least the hidden size of them.
         settings (`RepairSettings`, *optional*): ridge, token weighting, the map's form and the depth of refits
-            after each gap (defaults: ridge 0.3, uniform, the family's form, 0); `BlockRemovalConfig.repair_settings`
-            gives a run's.
+            after each gap (defaults: ridge 0.3, uniform, the family's form, and one refit where the block ends in
+            a dense projection); `BlockRemovalConfig.repair_settings` gives a run's.
     """
     began = time.perf_counter()
     settings = settings or RepairSettings()
