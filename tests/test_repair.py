@@ -51,11 +51,39 @@ print(json.dumps(out))
 """
 
 
+def fold_and_save(model, repair, removed, path):
+    """The gated model with ``repair`` hooked (logits on PROMPT and greedy tokens with the KV cache), then the repair
+    folded and the blocks removed in memory (checked equal) and saved to ``path``: ``(logits, tokens, path)``."""
+    ids = torch.tensor(PROMPT)
+    with BlockGates(model) as gates, torch.no_grad():
+        gates.set_removed(removed)
+        with repair.applied(model):
+            hooked = model(input_ids=ids).logits
+            tokens = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+    repair.fold_into(model)
+    remove_blocks(model, removed)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, hooked, rtol=1e-4, atol=1e-4)
+    return hooked, tokens[0].tolist(), str(save_pruned(model, None, path, {"removed_blocks": removed}))
+
+
+def check_reloaded(saved: dict) -> dict:
+    """Every folder of ``saved`` (name → `fold_and_save`'s triple) reloaded in a fresh plain-transformers process
+    gives the hooked logits and greedy tokens; returns what that process printed."""
+    paths = {name: path for name, (_, _, path) in saved.items()}
+    result = run_plain_transformers(RELOAD_ALL.format(paths=paths, prompt=PROMPT), timeout=600)
+    for name, (hooked, tokens, _) in saved.items():
+        got = result[name]
+        torch.testing.assert_close(torch.tensor(got["logits"]).view_as(hooked), hooked, rtol=1e-4, atol=1e-4)
+        assert got["tokens"] == tokens, f"{name}: greedy generate with KV cache differs"
+    return result
+
+
 def test_every_family_folds_its_repair_and_reloads_in_plain_transformers(tmp_path):
     """Hooked repair (gates + maps) == folded weights in memory == the saved folder in a fresh plain process."""
     calibration = _random_calibration()
     ids = torch.tensor(PROMPT)
-    expected, paths = {}, {}
+    saved = {}
     for family in FAMILIES:
         model = make_model(_config(family))
         repair = fit_repair(model, REMOVED, calibration, RepairSettings(ridge=1e-3))
@@ -65,22 +93,10 @@ def test_every_family_folds_its_repair_and_reloads_in_plain_transformers(tmp_pat
         with BlockGates(model) as gates, torch.no_grad():
             gates.set_removed(REMOVED)
             unrepaired = model(input_ids=ids).logits
-            with repair.applied(model):
-                hooked = model(input_ids=ids).logits
-                tokens = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
-        assert not torch.allclose(hooked, unrepaired, atol=1e-4), f"{family}: the repair must change the model"
-        repair.fold_into(model)
-        remove_blocks(model, REMOVED)
-        with torch.no_grad():
-            torch.testing.assert_close(model(input_ids=ids).logits, hooked, rtol=1e-4, atol=1e-4)
-        paths[family] = str(save_pruned(model, None, tmp_path / family, {"removed_blocks": REMOVED}))
-        expected[family] = (hooked, tokens[0].tolist())
-    result = run_plain_transformers(RELOAD_ALL.format(paths=paths, prompt=PROMPT), timeout=600)
-    for family, (hooked, tokens) in expected.items():
-        got = result[family]
-        assert got["layers"] == 6 - len(REMOVED)
-        torch.testing.assert_close(torch.tensor(got["logits"]).view_as(hooked), hooked, rtol=1e-4, atol=1e-4)
-        assert got["tokens"] == tokens, f"{family}: greedy generate with KV cache differs"
+        saved[family] = fold_and_save(model, repair, REMOVED, tmp_path / family)
+        assert not torch.allclose(saved[family][0], unrepaired, atol=1e-4), f"{family}: the repair must change it"
+    result = check_reloaded(saved)
+    assert all(got["layers"] == 6 - len(REMOVED) for got in result.values())
 
 
 def _linear_first_block_model():
@@ -218,10 +234,6 @@ def test_bad_input_is_one_clear_error_and_changes_nothing(case, message):
 
 
 def test_prune_repair_records_the_repair_and_saves_the_hooked_model(tiny_model_dir, tmp_path, capsys):
-    from transformers import AutoModelForCausalLM
-
-    from hf_blockcbo.data import repair_samples
-    from hf_blockcbo.models import load_model, resolve_model
 
     out = tmp_path / "pruned"
     args = ["prune", "--model", str(tiny_model_dir), "--blocks", "2,3", "--repair", "--repair-samples", "4"]
@@ -235,12 +247,24 @@ def test_prune_repair_records_the_repair_and_saves_the_hooked_model(tiny_model_d
     assert run["fit_error_after"] < run["fit_error_before"]
     assert record["config"]["repair"] is True
 
-    model, tokenizer = load_model(resolve_model(str(tiny_model_dir), None))
-    config = BlockRemovalConfig(blocks=[2, 3], repair=True, repair_samples=4, seq_len=24)
-    repair = fit_repair(model, [2, 3], repair_samples(tokenizer, config), config.repair_settings)
+    assert_saved_is_the_hooked_repair(
+        tiny_model_dir, out, BlockRemovalConfig(blocks=[2, 3], repair=True, repair_samples=4, seq_len=24)
+    )
+
+
+def assert_saved_is_the_hooked_repair(model_dir, out, config: BlockRemovalConfig) -> None:
+    """The folder `prune` wrote to ``out`` computes what the model in ``model_dir`` does with ``config.blocks`` gated
+    off and the repair ``config`` describes hooked on (fitted again here, on the same samples)."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_blockcbo.data import repair_samples
+    from hf_blockcbo.models import load_model, resolve_model
+
+    model, tokenizer = load_model(resolve_model(str(model_dir), None))
+    repair = fit_repair(model, config.blocks, repair_samples(tokenizer, config), config.repair_settings)
     ids = torch.tensor(PROMPT)
     with torch.no_grad(), BlockGates(model) as gates, repair.applied(model):
-        gates.set_removed([2, 3])
+        gates.set_removed(config.blocks)
         hooked = model(input_ids=ids).logits
     saved = AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():

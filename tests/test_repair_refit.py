@@ -12,11 +12,11 @@ from hf_blockcbo.repair.least_squares import fit_repair, removed_runs
 from hf_blockcbo.repair.refit import RefitNormal, refit_blocks
 from hf_blockcbo.surgery.architectures import get_layers
 from hf_blockcbo.surgery.gates import BlockGates
-from hf_blockcbo.surgery.removal import remove_blocks, save_pruned
+from hf_blockcbo.surgery.removal import remove_blocks
 
-from .conftest import make_model, run_plain_transformers, tiny_gemma3_config, tiny_llama_config
+from .conftest import make_model, tiny_gemma3_config, tiny_llama_config
 from .test_architectures import FAMILIES, PROMPT, _config
-from .test_repair import RELOAD_ALL, REMOVED, _random_calibration
+from .test_repair import REMOVED, _random_calibration, assert_saved_is_the_hooked_repair, check_reloaded, fold_and_save
 
 
 def test_the_refitted_blocks_are_the_first_kept_ones_after_each_gap_before_the_next():
@@ -135,7 +135,7 @@ def test_every_family_folds_its_refits_and_reloads_in_plain_transformers_or_refu
     assert FOLDS | set(REFUSES) == set(FAMILIES)
     calibration = _random_calibration()
     ids = torch.tensor(PROMPT)
-    expected, paths = {}, {}
+    saved = {}
     for family in FAMILIES:
         model = make_model(_config(family))
         if family in REFUSES:
@@ -147,25 +147,12 @@ def test_every_family_folds_its_refits_and_reloads_in_plain_transformers_or_refu
         repair = fit_repair(model, REMOVED, calibration, RepairSettings(ridge=1e-3, depth=1))
         assert [r.block for r in repair.refits] == [2, 5], family
         plain = fit_repair(model, REMOVED, calibration, RepairSettings(ridge=1e-3, depth=0))
-        with BlockGates(model) as gates, torch.no_grad():
+        with BlockGates(model) as gates, torch.no_grad(), plain.applied(model):
             gates.set_removed(REMOVED)
-            with plain.applied(model):
-                shallow = model(input_ids=ids).logits
-            with repair.applied(model):
-                hooked = model(input_ids=ids).logits
-                tokens = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
-        assert not torch.allclose(hooked, shallow, atol=1e-4), f"{family}: the refits must change the model"
-        repair.fold_into(model)
-        remove_blocks(model, REMOVED)
-        with torch.no_grad():
-            torch.testing.assert_close(model(input_ids=ids).logits, hooked, rtol=1e-4, atol=1e-4)
-        paths[family] = str(save_pruned(model, None, tmp_path / family, {"removed_blocks": REMOVED}))
-        expected[family] = (hooked, tokens[0].tolist())
-    result = run_plain_transformers(RELOAD_ALL.format(paths=paths, prompt=PROMPT), timeout=600)
-    for family, (hooked, tokens) in expected.items():
-        got = result[family]
-        torch.testing.assert_close(torch.tensor(got["logits"]).view_as(hooked), hooked, rtol=1e-4, atol=1e-4)
-        assert got["tokens"] == tokens, f"{family}: greedy generate with KV cache differs"
+            shallow = model(input_ids=ids).logits
+        saved[family] = fold_and_save(model, repair, REMOVED, tmp_path / family)
+        assert not torch.allclose(saved[family][0], shallow, atol=1e-4), f"{family}: the refits must change it"
+    check_reloaded(saved)
 
 
 def test_a_refit_of_the_next_gaps_source_block_folds_before_that_gaps_map():
@@ -215,11 +202,8 @@ def test_the_config_checks_repair_depth(depth, message):
 
 
 def test_prune_repair_depth_records_prints_and_saves_the_refitted_model(tiny_model_dir, tmp_path, capsys):
-    from transformers import AutoModelForCausalLM
 
-    from hf_blockcbo.data import repair_samples
     from hf_blockcbo.hub.publish import model_card
-    from hf_blockcbo.models import load_model, resolve_model
 
     out = tmp_path / "pruned"
     args = ["prune", "--model", str(tiny_model_dir), "--blocks", "2,3", "--repair", "--repair-samples", "4"]
@@ -233,16 +217,8 @@ def test_prune_repair_depth_records_prints_and_saves_the_refitted_model(tiny_mod
     card = str(model_card(out, "tester/x"))
     assert "| refitted block | stream error before | after |" in card and "\n| 4 | " in card
 
-    model, tokenizer = load_model(resolve_model(str(tiny_model_dir), None))
     config = BlockRemovalConfig(blocks=[2, 3], repair=True, repair_samples=4, seq_len=24, repair_depth=1)
-    repair = fit_repair(model, [2, 3], repair_samples(tokenizer, config), config.repair_settings)
-    ids = torch.tensor(PROMPT)
-    with torch.no_grad(), BlockGates(model) as gates, repair.applied(model):
-        gates.set_removed([2, 3])
-        hooked = model(input_ids=ids).logits
-    saved = AutoModelForCausalLM.from_pretrained(out).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(saved(input_ids=ids).logits, hooked, rtol=1e-4, atol=1e-4)
+    assert_saved_is_the_hooked_repair(tiny_model_dir, out, config)
 
 
 def test_a_post_norm_family_refuses_repair_depth_before_the_selection(tmp_path, capsys, tokenizer):
