@@ -194,8 +194,9 @@ class BlockRemovalCallback(TrainerCallback):
             # a family whose repair (or refit depth) cannot fold is refused before any step, not at the cut
             from .repair.least_squares import check_repairable, kind_before_training
 
-            kind = kind_before_training(model, self.config.repair_kind)
-            check_repairable(model, [], kind=kind, depth=self.config.repair_depth)
+            settings = self.config.repair_settings
+            settings = dataclasses.replace(settings, kind=kind_before_training(model, settings.kind))
+            check_repairable(model, [], settings=settings)
         if self.at == "train_begin" or (self.remove_at_step is not None and self.artifact is None):
             self.compute(args, model, self._dataloader(kwargs))
 

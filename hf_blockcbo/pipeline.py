@@ -250,7 +250,7 @@ def choose_blocks(
     if config.repair:  # refuse a family that cannot fold before any expensive work
         from .repair.least_squares import check_repairable
 
-        check_repairable(model, config.blocks or [], kind=config.repair_kind, depth=config.repair_depth)
+        check_repairable(model, config.blocks or [], settings=config.repair_settings)
     explicit = _explicit_selection(config, candidates_file, model)
     if explicit is not None:
         return explicit, artifact
@@ -421,7 +421,7 @@ def prune_and_save(
     if config.repair:
         from .repair.least_squares import check_repairable
 
-        check_repairable(model, selection.blocks, kind=config.repair_kind, depth=config.repair_depth)
+        check_repairable(model, selection.blocks, settings=config.repair_settings)
     if selection.merge_into is not None:
         merge_window(model, selection.merge_into, selection.blocks)
     repair = repair_model(model, tokenizer, config, selection.blocks, progress) if config.repair else None

@@ -104,7 +104,7 @@ class CompareCommand(BaseCommand):
             from ..data import repair_samples
             from ..repair.least_squares import check_repairable
 
-            check_repairable(model, [], kind=config.repair_kind, depth=config.repair_depth)
+            check_repairable(model, [], settings=config.repair_settings)
             repair_data = repair_samples(tokenizer, config)
         comparison = run_comparison(
             ctx,

@@ -82,13 +82,13 @@ def check_repairable(
     model: nn.Module,
     removed: Sequence[int],
     spec: ArchitectureSpec | None = None,
-    kind: str | None = None,
-    depth: int | None = None,
+    settings: RepairSettings | None = None,
 ) -> str:
-    """The repair kind for ``model`` (the family's, or ``kind`` where it folds there), or one clear error; runs no
-    forward pass. An explicit ``depth > 0`` (refits after each gap) needs a dense output projection in each refitted
-    block; unset, the refits go where there is one."""
-    spec = spec or get_architecture(model)
+    """The repair kind for ``model`` (the family's, or ``settings.kind`` where it folds there), or one clear error;
+    runs no forward pass. An explicit ``settings.depth > 0`` (refits after each gap) needs a dense output projection
+    in each refitted block; unset, the refits go where there is one."""
+    settings = settings or RepairSettings()
+    spec, kind = spec or get_architecture(model), settings.kind
     if kind not in (None, "auto") and kind != spec.repair:
         folds = ("linear",) if spec.repair == "linear" else ("diagonal", *_BEFORE_THE_NORM)
         if spec.repair not in REPAIR_KINDS or kind not in folds:
@@ -109,46 +109,39 @@ def check_repairable(
             "into the embeddings without changing the output layer; protect block 0 (`protected`) or do without the "
             "repair (`repair=false`)"
         )
-    if depth:
-        _check_refittable(model, runs, spec, depth)
+    _refitted_blocks(model, runs, spec, spec.repair, settings.depth)  # an explicit depth that cannot fold: refused
     return spec.repair
 
 
-def _check_refittable(model: nn.Module, runs, spec: ArchitectureSpec, depth: int) -> None:
-    if spec.repair != "linear":
+def _refitted_blocks(model, runs, spec: ArchitectureSpec, kind: str, depth: int | None) -> tuple[list[list[int]], int]:
+    """The blocks refitted after each run and the depth used. Unset ``depth``: 1 over the blocks whose last branch
+    ends in a dense projection (none behind a post-norm). An explicit depth: every block it names, or one clear
+    error where one has no dense projection to refit."""
+    if depth is None:
+        depth, strict = (1 if kind == "linear" else 0), False
+    elif depth and kind != "linear":
         raise BlockCBOError(
             f"`repair_depth` refits a kept block's output projection, but the {spec.name!r} architecture passes each "
-            f"branch's output through a norm after it (its repair map is {spec.repair!r}), so no refit folds; set "
+            f"branch's output through a norm after it (its repair map is {kind!r}), so no refit folds; set "
             "`repair_depth=0`"
         )
+    else:
+        strict = True
     num_blocks = len(get_layers(model, spec))
-    for index in range(len(runs)):
-        for block in refit_blocks(runs, index, depth, num_blocks):
+    refitted = []
+    for j in range(len(runs)):
+        kept = []
+        for block in refit_blocks(runs, j, depth, num_blocks):
             branch = contribution_module(model, block, spec)
-            if dense_projection(branch, _OUTPUT_PROJECTIONS) is None:
+            if dense_projection(branch, _OUTPUT_PROJECTIONS) is not None:
+                kept.append(block)
+            elif strict:
                 raise BlockCBOError(
                     f"`repair_depth` refits a kept block's output projection, but block {block}'s last branch "
                     f"({type(branch).__name__}) ends in none (experts or a norm); set `repair_depth=0`"
                 )
-
-
-def _refitted_blocks(model, runs, spec: ArchitectureSpec, kind: str, depth: int | None) -> tuple[list[list[int]], int]:
-    """The blocks refitted after each run and the depth used: ``depth`` as given (checked by `check_repairable`), or,
-    unset, 1 over the blocks whose last branch ends in a dense projection (none behind a post-norm)."""
-    num_blocks = len(get_layers(model, spec))
-    if depth is not None:
-        return [refit_blocks(runs, j, depth, num_blocks) for j in range(len(runs))], depth
-    if kind != "linear":
-        return [[] for _ in runs], 0
-    refitted = [
-        [
-            b
-            for b in refit_blocks(runs, j, 1, num_blocks)
-            if dense_projection(contribution_module(model, b, spec), _OUTPUT_PROJECTIONS)
-        ]
-        for j in range(len(runs))
-    ]
-    return refitted, 1 if any(refitted) else 0
+        refitted.append(kept)
+    return refitted, depth if strict or any(refitted) else 0
 
 
 def _projection(model: nn.Module, block: int, spec: ArchitectureSpec | None = None) -> nn.Module:
@@ -350,11 +343,10 @@ def _fold_linear(module: nn.Module, matrix: torch.Tensor) -> None:
     if isinstance(module, nn.Embedding):
         module.weight.copy_((module.weight.double() @ T.to(module.weight.device)).to(module.weight.dtype))
         return
-    for name in _OUTPUT_PROJECTIONS:
-        child = getattr(module, name, None)
-        if isinstance(child, (nn.Linear, Conv1D)):
-            _fold_linear(child, T)
-            return
+    projection = dense_projection(module, _OUTPUT_PROJECTIONS)  # the branch's own output projection
+    if projection is not None:
+        _fold_linear(projection, T)
+        return
     experts = getattr(module, "experts", None)
     if experts is not None:
         latent = getattr(module, "fc2_latent_proj", None)
@@ -612,7 +604,7 @@ def fit_repair(
     settings = settings or RepairSettings()
     ridge, weighting = settings.ridge, settings.weighting
     spec = get_architecture(model)
-    kind = check_repairable(model, removed, spec, settings.kind, settings.depth)
+    kind = check_repairable(model, removed, spec, settings)
     hidden = model.get_input_embeddings().weight.shape[-1]
     valid_tokens = int(calibration.attention_mask.sum()) if len(calibration) else 0
     if valid_tokens < hidden:
