@@ -61,7 +61,10 @@ def test_one_config_through_every_face(tiny_model_dir, tmp_path, monkeypatch, re
     # CLI
     cli_out = tmp_path / "cli"
     flags = ["--seq-len", "64", "--batch-size", "4", "--num-samples", "8", "--remove", "2", "--top-k", "4"]
-    flags += ["--rank", "0", "--repair-samples", "32", "--repair" if repair else "--no-repair", "--no-progress"]
+    # the Space fits on 32 samples; a flag without --repair is refused, so the setting travels in a config file
+    (tmp_path / "space.json").write_text(json.dumps({"repair_samples": 32}))
+    flags += ["--rank", "0", "--config", str(tmp_path / "space.json"), "--no-progress"]
+    flags += ["--repair" if repair else "--no-repair"]
     assert main(["prune", "--model", model_id, *flags, "--output", str(cli_out)]) == 0
     cli = json.loads((cli_out / "block_removal.json").read_text())
 

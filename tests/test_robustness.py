@@ -32,6 +32,17 @@ CASES = [
     ("truncated hessian", ["solve", "--hessian", "{dir}/trunc.safetensors", "--remove", "1"], "not a readable"),
     ("missing model", ["prune", "--model", "{dir}/no-such-model", "--remove", "2"], "cannot load the model"),
     ("zero blocks", ["prune", "--model", "{model}", "--remove", "0"], "--remove must be a positive integer"),
+    (
+        "repair knob, repair off",
+        ["prune", "--model", "{model}", "--remove", "2", "--repair-depth", "1"],
+        "--repair-depth has no effect without --repair",
+    ),
+    (
+        "repair knob, --no-repair",
+        ["prune", "--model", "{model}", "--remove", "2", "--no-repair", "--repair-ridge", "1"],
+        "--repair-ridge has no effect without --repair",
+    ),
+    ("missing student", ["heal", "--student", "{dir}/no-such-student", "--output", "{dir}/out"], "not a model folder"),
 ]
 
 
@@ -49,6 +60,19 @@ def test_bad_input_is_one_line_and_writes_nothing(name, argv, fragment, tiny_mod
     assert len(errors) == 1 and fragment in errors[0], (name, err[-2000:])
     assert "Traceback" not in err
     assert not out.exists()
+
+
+def test_a_config_file_may_keep_repair_settings_with_the_repair_off(tmp_path):
+    """Only a flag given on the command line is refused: a config file may hold repair settings for later."""
+    from argparse import Namespace
+
+    from hf_blockcbo.commands.base import config_from_args
+
+    path = tmp_path / "c.json"
+    path.write_text('{"num_remove": 2, "repair_depth": 1, "repair_ridge": 1.0}')
+    config = config_from_args(Namespace(config=str(path)))
+    assert (config.repair, config.repair_depth, config.repair_ridge) == (False, 1, 1.0)
+    assert config_from_args(Namespace(config=str(path), repair=True, repair_depth=0)).repair_depth == 0
 
 
 def test_a_malformed_repo_id_is_refused_before_anything_is_read(tiny_model_dir, tmp_path, capsys):

@@ -201,9 +201,23 @@ def config_from_args(args) -> object:
 
     flags = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(BlockRemovalConfig)}
     base = BlockRemovalConfig.from_file(args.config) if getattr(args, "config", None) else None
-    if base is None:
-        return BlockRemovalConfig(**{k: v for k, v in flags.items() if v is not None})
-    return base.replace(**flags)
+    config = (
+        BlockRemovalConfig(**{k: v for k, v in flags.items() if v is not None})
+        if base is None
+        else base.replace(**flags)
+    )
+    _check_repair_flags(flags, config)
+    return config
+
+
+def _check_repair_flags(flags: dict, config) -> None:
+    """A `--repair-*` flag given on the command line while the repair is off would be ignored after minutes of work:
+    refuse it in one line (a config file may keep repair settings with the repair off)."""
+    from ..errors import BlockCBOError
+
+    given = [n for n in GROUPS["repair"] if n != "repair" and flags.get(n) is not None and flags.get(n) is not False]
+    if given and not config.repair:
+        raise BlockCBOError(f"{flag_name(given[0])} has no effect without --repair: add --repair, or drop it")
 
 
 def add_model_args(parser: ArgumentParser) -> None:

@@ -82,6 +82,11 @@ class HealCommand(BaseCommand):
         from ..errors import BlockCBOError
 
         a = self.args
+        if not (Path(a.student) / "config.json").is_file():
+            raise BlockCBOError(
+                f"--student {a.student} is not a model folder (no config.json); give the folder `hf-blockcbo prune` "
+                "wrote"
+            )
         teacher = a.teacher
         if teacher is None:
             provenance = Path(a.student) / "block_removal.json"
