@@ -421,7 +421,7 @@ def test_the_callback_refuses_repair_data():
 def test_the_renormalised_map_carries_a_linear_map_behind_the_norm():
     """Residuals made exactly as u·T with T = diag(1/γ)·Q·diag(s*) (Q orthogonal), which x̂(y·A)·s can express while
     the start A = diag(γ)·T, with its scale in closed form, does not: the fit drives the error to ~0."""
-    from hf_blockcbo.repair.least_squares import _Normal, _rms_normalise, _solve_renormalised
+    from hf_blockcbo.repair.forms import NormalEquations, rms_normalise, solve_renormalised
 
     gen = torch.Generator().manual_seed(0)
     d, n, eps = 8, 600, 1e-6
@@ -429,16 +429,16 @@ def test_the_renormalised_map_carries_a_linear_map_behind_the_norm():
     gamma = 0.5 + torch.rand(d, generator=gen, dtype=torch.float64)
     rotation = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))[0]
     scale_true = 0.2 + 2 * torch.rand(d, generator=gen, dtype=torch.float64)
-    u = _rms_normalise(y, eps).double() * gamma
+    u = rms_normalise(y, eps).double() * gamma
     r = u @ (torch.diag(1 / gamma) @ rotation @ torch.diag(scale_true))
-    normal = _Normal(uu=u.t() @ u, ur=u.t() @ r, rr=float(r.pow(2).sum()))
-    start = _solve_renormalised(normal, y.float(), r.float(), torch.ones(n, 1), gamma, eps, ridge=0.0, steps=0)
-    A, scale, before, after = _solve_renormalised(
+    normal = NormalEquations(uu=u.t() @ u, ur=u.t() @ r, rr=float(r.pow(2).sum()))
+    start = solve_renormalised(normal, y.float(), r.float(), torch.ones(n, 1), gamma, eps, ridge=0.0, steps=0)
+    A, scale, before, after = solve_renormalised(
         normal, y.float(), r.float(), torch.ones(n, 1), gamma, eps, ridge=0.0, steps=200
     )
     assert start[3] > 1e-3 * before  # the start alone is off
     assert after < 1e-5 * before
-    fitted = _rms_normalise(y.float() @ A.float(), eps) * scale.float()
+    fitted = rms_normalise(y.float() @ A.float(), eps) * scale.float()
     torch.testing.assert_close(fitted, r.float(), rtol=0, atol=1e-3)
 
 

@@ -25,6 +25,8 @@ the linear map's fit (stream error 0.026 against 0.024) where a scale per channe
 orthogonal map (``rotation``: ``x̂(y·R) = x̂(y)·R``) keep little: docs/results.md §3. This is the idea of ReplaceMe
 (arXiv 2505.02819) and LinearPatch (arXiv 2505.24680), extended to any set of removed blocks. With ``depth``
 (`repair_depth`), the output projections of the first kept blocks after each gap are refitted too: repair/refit.py.
+This module accumulates the normal equations and orders the fits; the map forms are solved in repair/forms.py,
+folded in repair/fold.py, and the activations captured by repair/capture.py.
 
 ```python
 repair = fit_repair(model, removed=[10, 11, 20], calibration=samples)
@@ -53,12 +55,18 @@ from ..errors import BlockCBOError
 from ..hessian.gradients import frozen_eval
 from ..surgery.architectures import ArchitectureSpec, get_architecture, get_layers
 from ..surgery.gates import BlockGates
+from .capture import capture_contribution, capture_streams
+from .fold import BEFORE_THE_NORM, OUTPUT_PROJECTIONS, contribution_module, fold_map, norm_eps
+from .forms import (
+    NormalEquations,
+    RepairMap,
+    rms_normalise,
+    solve_map,
+    solve_renormalised,
+    solve_rotation,
+    token_weights,
+)
 from .refit import Refit, RefitNormal, dense_projection, projection_inputs, refit_blocks
-
-
-_BEFORE_THE_NORM = ("rotation", "renormalised")  # a map folded before a post-norm, plus the norm's scale
-_OUTPUT_PROJECTIONS = ("down_proj", "dense_4h_to_h", "c_proj", "out_proj", "o_proj", "fc2")
-_SHARED_EXPERTS = ("shared_expert", "shared_experts")
 
 
 # -- where a block's last contribution comes from ------------------------------------------------------------------
@@ -90,7 +98,7 @@ def check_repairable(
     settings = settings or RepairSettings()
     spec, kind = spec or get_architecture(model), settings.kind
     if kind not in (None, "auto") and kind != spec.repair:
-        folds = ("linear",) if spec.repair == "linear" else ("diagonal", *_BEFORE_THE_NORM)
+        folds = ("linear",) if spec.repair == "linear" else ("diagonal", *BEFORE_THE_NORM)
         if spec.repair not in REPAIR_KINDS or kind not in folds:
             raise BlockCBOError(
                 f"a {kind!r} repair map does not fold into the {spec.name!r} architecture; it takes "
@@ -133,7 +141,7 @@ def _refitted_blocks(model, runs, spec: ArchitectureSpec, kind: str, depth: int 
         kept = []
         for block in refit_blocks(runs, j, depth, num_blocks):
             branch = contribution_module(model, block, spec)
-            if dense_projection(branch, _OUTPUT_PROJECTIONS) is not None:
+            if dense_projection(branch, OUTPUT_PROJECTIONS) is not None:
                 kept.append(block)
             elif strict:
                 raise BlockCBOError(
@@ -146,7 +154,7 @@ def _refitted_blocks(model, runs, spec: ArchitectureSpec, kind: str, depth: int 
 
 def _projection(model: nn.Module, block: int, spec: ArchitectureSpec | None = None) -> nn.Module:
     """The dense output projection of block ``block``'s last branch (checked by `check_repairable`)."""
-    projection = dense_projection(contribution_module(model, block, spec), _OUTPUT_PROJECTIONS)
+    projection = dense_projection(contribution_module(model, block, spec), OUTPUT_PROJECTIONS)
     if projection is None:
         raise BlockCBOError(f"block {block} has no dense output projection to refit; set `repair_depth=0`")
     return projection
@@ -161,47 +169,7 @@ def kind_before_training(model: nn.Module, kind: str | None) -> str:
     return get_architecture(model).repair_before_training or "auto"
 
 
-def contribution_module(model: nn.Module, source: int, spec: ArchitectureSpec | None = None) -> nn.Module:
-    """The module whose output is the last addition to the stream by block ``source`` (−1: the token embeddings)."""
-    spec = spec or get_architecture(model)
-    if source < 0:
-        return model.get_input_embeddings()
-    block = get_layers(model, spec)[source]
-    for name in reversed(spec.branches):
-        module = getattr(block, name, None)
-        if isinstance(module, nn.Module):
-            return module
-    raise BlockCBOError(f"block {source} ({type(block).__name__}) has none of the branches {spec.branches}")
-
-
 # -- the fitted maps -----------------------------------------------------------------------------------------------
-@dataclass
-class RepairMap:
-    """The map of one removed run: ``u ↦ u·T`` on the contribution of block ``source`` (−1: embeddings).
-
-    ``error_before`` / ``error_after``: Σ w‖g − h‖² / Σ w‖g‖² over the calibration tokens, unrepaired and repaired
-    (``relative`` weighting: the mean over tokens of ‖g − h‖² / ‖g‖²).
-    """
-
-    start: int
-    stop: int
-    source: int
-    matrix: torch.Tensor  # [d, d] (linear, rotation) or [d] (diagonal), float64
-    error_before: float
-    error_after: float
-    kind: str = "linear"
-    scale: torch.Tensor | None = None  # rotation: the new post-norm scale s (the norm computes x̂·s)
-
-    def to_dict(self) -> dict:
-        return {
-            "kind": self.kind,
-            "removed": list(range(self.start, self.stop)),
-            "mapped_into": "embeddings" if self.source < 0 else f"block {self.source}",
-            "fit_error_before": self.error_before,
-            "fit_error_after": self.error_after,
-        }
-
-
 @dataclass
 class Repair:
     """Every run's map, fitted in order, and how they were fitted."""
@@ -252,7 +220,7 @@ class Repair:
             for r in self.refits:
                 r.fold(_projection(model, r.block, spec))
             for m in self.maps:
-                _fold(model, m, spec)
+                fold_map(model, m, spec)
         except BaseException:
             with torch.no_grad():
                 for name, p in model.named_parameters():
@@ -265,26 +233,14 @@ def _apply(tensor: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     return tensor * matrix if matrix.dim() == 1 else tensor @ matrix
 
 
-def _norm_eps(module: nn.Module) -> float:
-    for name in ("eps", "variance_epsilon"):
-        if isinstance(getattr(module, name, None), float):
-            return getattr(module, name)
-    raise BlockCBOError(f"{type(module).__name__} keeps no eps; a rotation repair needs an RMS norm")
-
-
-def _rms_normalise(x: torch.Tensor, eps: float) -> torch.Tensor:
-    x = x.float()
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-
-
 def _attach_map(model: nn.Module, repair_map: RepairMap, spec: ArchitectureSpec | None):
     module = contribution_module(model, repair_map.source, spec)
-    if repair_map.kind in _BEFORE_THE_NORM:  # the post-norm recomputed: x̂(y·A)·s (rotation: x̂(yR) = x̂(y)R)
-        eps = _norm_eps(module)
+    if repair_map.kind in BEFORE_THE_NORM:  # the post-norm recomputed: x̂(y·A)·s (rotation: x̂(yR) = x̂(y)R)
+        eps = norm_eps(module)
 
         def renormalised(mod, args, output):
             y = args[0]
-            z = _rms_normalise(y.float() @ repair_map.matrix.to(y.device, torch.float32), eps)
+            z = rms_normalise(y.float() @ repair_map.matrix.to(y.device, torch.float32), eps)
             return (z * repair_map.scale.to(y.device, torch.float32)).type_as(y)
 
         return module.register_forward_hook(renormalised)
@@ -297,266 +253,7 @@ def _attach_map(model: nn.Module, repair_map: RepairMap, spec: ArchitectureSpec 
     return module.register_forward_hook(hook)
 
 
-# -- folding -------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def _fold(model: nn.Module, repair_map: RepairMap, spec: ArchitectureSpec) -> None:
-    module = contribution_module(model, repair_map.source, spec)
-    if repair_map.kind in ("diagonal", *_BEFORE_THE_NORM):
-        weight = getattr(module, "weight", None)
-        if weight is None or weight.dim() != 1:
-            raise BlockCBOError(f"cannot fold a {repair_map.kind} map into {type(module).__name__}: no scale vector")
-        offset = spec.norm_weight_offset
-        if repair_map.kind == "diagonal":
-            scale = (weight.double() + offset) * repair_map.matrix.to(weight.device)
-        else:  # A (rotation: R) into the norm's input projection, s into its weight
-            _fold_linear(_post_norm_input(model, repair_map.source, spec), repair_map.matrix)
-            scale = repair_map.scale.to(weight.device)
-        weight.copy_((scale - offset).to(weight.dtype))
-        return
-    _fold_linear(module, repair_map.matrix)
-
-
-def _post_norm_input(model: nn.Module, source: int, spec: ArchitectureSpec) -> nn.Module:
-    block = get_layers(model, spec)[source]
-    module = getattr(block, spec.post_norm_input or "", None)
-    if not isinstance(module, nn.Module):
-        raise BlockCBOError(
-            f"the {spec.name!r} spec names no module feeding the post-norm (`post_norm_input`); a rotation repair "
-            "cannot be folded"
-        )
-    return module
-
-
-def _fold_linear(module: nn.Module, matrix: torch.Tensor) -> None:
-    from transformers.pytorch_utils import Conv1D
-
-    T = matrix.to(torch.float64)
-    if isinstance(module, nn.Linear):  # y = x Wᵀ + b  →  y T = x (TᵀW)ᵀ + b T
-        module.weight.copy_((T.t().to(module.weight.device) @ module.weight.double()).to(module.weight.dtype))
-        if module.bias is not None:
-            module.bias.copy_((module.bias.double() @ T.to(module.bias.device)).to(module.bias.dtype))
-        return
-    if isinstance(module, Conv1D):  # y = x W + b with W [in, out]
-        module.weight.copy_((module.weight.double() @ T.to(module.weight.device)).to(module.weight.dtype))
-        module.bias.copy_((module.bias.double() @ T.to(module.bias.device)).to(module.bias.dtype))
-        return
-    if isinstance(module, nn.Embedding):
-        module.weight.copy_((module.weight.double() @ T.to(module.weight.device)).to(module.weight.dtype))
-        return
-    projection = dense_projection(module, _OUTPUT_PROJECTIONS)  # the branch's own output projection
-    if projection is not None:
-        _fold_linear(projection, T)
-        return
-    experts = getattr(module, "experts", None)
-    if experts is not None:
-        latent = getattr(module, "fc2_latent_proj", None)
-        if isinstance(latent, nn.Linear):
-            _fold_linear(latent, T)
-        else:
-            _fold_experts(experts, T)
-        for name in _SHARED_EXPERTS:
-            shared = getattr(module, name, None)
-            if isinstance(shared, nn.Module):
-                _fold_linear(shared, T)
-        return
-    raise BlockCBOError(
-        f"cannot fold a repair map into {type(module).__name__}: no output projection found "
-        f"(looked for {', '.join(_OUTPUT_PROJECTIONS)} and experts); do without the repair (`repair=false`)"
-    )
-
-
-def _fold_experts(experts: nn.Module, T: torch.Tensor) -> None:
-    if isinstance(experts, nn.ModuleList):
-        for expert in experts:
-            _fold_linear(expert, T)
-        return
-    down = getattr(experts, "down_proj", None)
-    if not isinstance(down, nn.Parameter) or down.dim() != 3:
-        raise BlockCBOError(f"cannot fold a repair map into the experts of {type(experts).__name__}")
-    T = T.to(down.device)
-    if getattr(experts, "is_transposed", False):  # [E, inter, d]: y = x W
-        down.copy_((down.double() @ T).to(down.dtype))
-    else:  # [E, d, inter]: y = x Wᵀ
-        down.copy_((T.t() @ down.double()).to(down.dtype))
-    bias = getattr(experts, "down_proj_bias", None)
-    if isinstance(bias, nn.Parameter):
-        bias.copy_((bias.double() @ T).to(bias.dtype))
-
-
 # -- fitting -------------------------------------------------------------------------------------------------------
-class _Stop(Exception):
-    """Raised by a hook once the stream after the gap is captured: the rest of the model is not run."""
-
-
-def _first(output) -> torch.Tensor:
-    return output if isinstance(output, torch.Tensor) else output[0]
-
-
-@dataclass
-class _Normal:
-    """Normal equations of one run, float64."""
-
-    uu: torch.Tensor
-    ur: torch.Tensor
-    rr: float = 0.0
-    gg: float = 0.0
-
-
-def _capture_streams(model, layers, indices: list[int], ids, mask) -> dict[int, torch.Tensor]:
-    """Run ``model`` until the last of ``indices`` and return each block's output (the stream after it)."""
-    captured: dict[int, torch.Tensor] = {}
-    last = max(indices)
-
-    def hook_for(index):
-        def hook(module, args, output):
-            captured[index] = _first(output).detach()
-            if index == last:
-                raise _Stop
-
-        return hook
-
-    _forward_until_stop(model, [(layers[i], hook_for(i)) for i in sorted(set(indices))], ids, mask)
-    return captured
-
-
-def _forward_until_stop(model, hooks, ids, mask) -> None:
-    """Run ``model`` with forward ``hooks`` [(module, hook)] attached until one raises `_Stop`; detach them."""
-    handles = [module.register_forward_hook(hook) for module, hook in hooks]
-    try:
-        model(input_ids=ids, attention_mask=mask, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _capture_contribution(model, layers, module, index: int, ids, mask):
-    """Run ``model`` until block ``index``: the output of ``module`` (the contribution), the stream after block
-    ``index`` and ``module``'s input (for a post-norm: what it normalises)."""
-    captured = {}
-
-    def grab(mod, args, output):
-        captured["u"] = _first(output).detach().clone()  # cloned: some blocks add to it in place (Falcon)
-        captured["y"] = args[0].detach() if args and isinstance(args[0], torch.Tensor) else None
-
-    def stop(mod, args, output):
-        captured["h"] = _first(output).detach()
-        raise _Stop
-
-    _forward_until_stop(model, [(module, grab), (layers[index], stop)], ids, mask)
-    return captured["u"], captured["h"], captured["y"]
-
-
-def _token_weights(g: torch.Tensor, weighting: str) -> torch.Tensor:
-    """[tokens, 1] weights of each token's squared error: 1 (uniform) or d / ‖g‖² (relative)."""
-    if weighting == "uniform":
-        return torch.ones(g.shape[0], 1, dtype=g.dtype)
-    return 1.0 / g.pow(2).mean(-1, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)
-
-
-def _solve(normal: _Normal, kind: str, ridge: float) -> tuple[torch.Tensor, float, float]:
-    """The ridge solution shrunk towards the identity (λ large: no repair) and the fit errors before and after."""
-    uu, ur = normal.uu, normal.ur
-    diag_uu, diag_ur = torch.diagonal(uu), torch.diagonal(ur)
-    lam = ridge * float(diag_uu.mean())
-    before = normal.rr - 2 * float(diag_ur.sum()) + float(diag_uu.sum())  # T = I
-    if kind == "diagonal":
-        t = (diag_ur + lam) / (diag_uu + lam)
-        after = normal.rr - 2 * float((t * diag_ur).sum()) + float((t * t * diag_uu).sum())
-        return t, before, after
-    eye = torch.eye(uu.shape[0], dtype=uu.dtype)
-    T = torch.linalg.solve(uu + lam * eye, ur + lam * eye)
-    after = normal.rr - 2 * float((T * ur).sum()) + float((T * (uu @ T)).sum())
-    return T, before, after
-
-
-def _solve_rotation(normal: _Normal, gamma: torch.Tensor, ridge: float, rounds: int = 25):
-    """min ‖R − x̂(y)·Rot·diag(s)‖² over orthogonal Rot and scale s (alternating: s in closed form, Rot by
-    Procrustes on the cross term), shrunk towards (I, γ) = no repair; the best pair seen and the errors."""
-    zz, zr, rr = normal.uu, normal.ur, normal.rr
-    d = zz.shape[0]
-    eye = torch.eye(d, dtype=zz.dtype)
-    lam = ridge * float(torch.diagonal(zz).mean())
-
-    def error(rot, scale):
-        cross = torch.diagonal(rot.t() @ zr)
-        power = torch.diagonal(rot.t() @ zz @ rot)
-        return rr - 2 * float((scale * cross).sum()) + float((scale * scale * power).sum())
-
-    before = error(eye, gamma)
-    best = (before, eye, gamma)
-    rot = eye
-    for _ in range(rounds):
-        scale = (torch.diagonal(rot.t() @ zr) + lam * gamma) / (torch.diagonal(rot.t() @ zz @ rot) + lam)
-        value = error(rot, scale)
-        if value < best[0]:
-            best = (value, rot, scale)
-        u, _, vh = torch.linalg.svd(zr * scale + lam * float(scale.abs().mean()) * eye)
-        rot = u @ vh
-    return best[1], best[2], before, best[0]
-
-
-def _solve_renormalised(
-    normal: _Normal,
-    y: torch.Tensor,
-    r: torch.Tensor,
-    w: torch.Tensor,
-    gamma: torch.Tensor,
-    eps: float,
-    ridge: float,
-    steps: int = 40,
-    max_tokens: int = 4096,
-):
-    """The linear ridge map ``u ↦ u·T`` carried behind the post-norm, so that it folds: with ``u = x̂(y)·γ``, fit
-    ``x̂(y·A)·s`` (A any d×d, s a scale) to the ridge solution's outputs ``u·T`` by least squares over the calibration
-    tokens. The ridge is the linear fit's (T is shrunk towards the identity, so the fitted map towards no repair);
-    this second fit only moves the map where the norm can carry it. Started from A = diag(γ)·T with s in closed form,
-    refined by L-BFGS on the cached activations (no gradient reaches the model) of every k-th token, at most
-    ``max_tokens`` of them (the target is the ridge map's output, a smooth function of the token: measured on
-    Gemma-3-270M, a fit on a quarter of 16,384 tokens has the same error on all of them, 4× faster). Returns A, s and
-    the errors of (I, γ) and of the better of start and refinement against the real residual ``r`` over all tokens.
-    ``y``, ``r``: [tokens, d] float32; ``w``: [tokens, 1]."""
-    T, _, _ = _solve(normal, "linear", ridge)
-    y, r, w = y.float(), r.float(), w.float()
-    gamma32 = gamma.float()
-    every = -(-y.shape[0] // max_tokens)
-    fit_y, fit_w = y[::every], w[::every]
-    target = (_rms_normalise(fit_y, eps) * gamma32) @ T.float()  # what the ridge map would add, token by token
-    total = float((fit_w * target * target).sum()) or 1.0
-
-    def misfit(A, scale, inputs, reference, weights):
-        return (weights * (reference - _rms_normalise(inputs @ A, eps) * scale).pow(2)).sum()
-
-    def error(A, scale) -> float:
-        with torch.no_grad():
-            return float(misfit(A, scale, y, r, w))
-
-    before = error(torch.eye(y.shape[1]), gamma32)
-    # started where the ridge map is, at its scale: the norm does not see A's scale, and a start rescaled to keep the
-    # activations before the norm at their size (A comes out ~1,500× that on Gemma-3-270M) fitted far worse (stream
-    # error 0.116 against 0.026), as did rescaling the fitted A, through eps (docs/results.md §3)
-    A = (gamma32[:, None] * T.float()).contiguous().requires_grad_(True)  # L-BFGS views the gradient flat
-    with torch.no_grad():
-        n = _rms_normalise(fit_y @ A, eps)
-        scale = (fit_w * n * target).sum(0) / (fit_w * n * n).sum(0).clamp_min(1e-30)
-    scale.requires_grad_(True)
-    start = (error(A, scale), A.detach().clone(), scale.detach().clone())
-    optimiser = torch.optim.LBFGS([A, scale], lr=1, max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimiser.zero_grad()
-        loss = misfit(A, scale, fit_y, target, fit_w) / total
-        loss.backward()
-        return loss
-
-    if steps:
-        optimiser.step(closure)
-    refined = (error(A, scale), A.detach().clone(), scale.detach().clone())
-    best = min((start, refined), key=lambda candidate: candidate[0])
-    return best[1].double(), best[2].double(), before, best[0]
-
-
 def _fit_refit(model, layers, spec, repair: Repair, block: int, targets, calibration, batch_size, gate) -> Refit:
     """The refit of block ``block``'s output projection on the model with ``repair`` (so far) applied."""
     device = next(model.parameters()).device
@@ -567,7 +264,7 @@ def _fit_refit(model, layers, spec, repair: Repair, block: int, targets, calibra
         gates.set_removed(repair.removed)
         for b, (_, ids, mask) in enumerate(calibration.batches(batch_size)):
             keep = mask.reshape(-1).bool().to(device)
-            _, h, x = _capture_contribution(model, layers, projection, block, ids.to(device), mask.to(device))
+            _, h, x = capture_contribution(model, layers, projection, block, ids.to(device), mask.to(device))
             g = targets[b].double()
             x = x.reshape(-1, x.shape[-1])[keep].double().cpu()
             e = g - h.reshape(-1, hidden)[keep].double().cpu()
@@ -577,7 +274,7 @@ def _fit_refit(model, layers, spec, repair: Repair, block: int, targets, calibra
                     "(`dtype`) or check the weights"
                 )
             normal = normal or RefitNormal(x.shape[-1], hidden)
-            normal.add(x, e, g, _token_weights(g, repair.weighting))
+            normal.add(x, e, g, token_weights(g, repair.weighting))
     return normal.solve(block, repair.ridge)
 
 
@@ -637,7 +334,7 @@ def fit_repair(
         after = sorted({stop - 1 for _, stop in runs} | {b for blocks in refitted for b in blocks})
         streams_of: dict[int, list[torch.Tensor]] = {i: [] for i in after}
         for _, ids, mask in calibration.batches(batch_size):
-            streams = _capture_streams(model, layers, after, ids.to(device), mask.to(device))
+            streams = capture_streams(model, layers, after, ids.to(device), mask.to(device))
             keep = mask.reshape(-1).bool()
             for i in after:
                 streams_of[i].append(streams[i].reshape(-1, hidden)[keep.to(device)].float().cpu())
@@ -647,7 +344,7 @@ def fit_repair(
             source = start - 1
             module = contribution_module(model, source, spec)
             run_kind = kind if source >= 0 else "linear"  # a gap at block 0 maps the (untied) embeddings
-            normal = _Normal(
+            normal = NormalEquations(
                 uu=torch.zeros(hidden, hidden, dtype=torch.float64),
                 ur=torch.zeros(hidden, hidden, dtype=torch.float64),
             )
@@ -656,18 +353,18 @@ def fit_repair(
                 gates.set_removed(repair.removed)
                 for b, (_, ids, mask) in enumerate(calibration.batches(batch_size)):
                     keep = mask.reshape(-1).bool().to(device)
-                    u, h, y = _capture_contribution(model, layers, module, stop - 1, ids.to(device), mask.to(device))
+                    u, h, y = capture_contribution(model, layers, module, stop - 1, ids.to(device), mask.to(device))
                     g = targets[j][b].double()
                     u = u.reshape(-1, hidden)[keep].double().cpu()
                     r = g - (h.reshape(-1, hidden)[keep].double().cpu() - u)
                     if run_kind == "rotation":  # regress on the normalised input of the post-norm instead
-                        u = _rms_normalise(y, _norm_eps(module)).reshape(-1, hidden)[keep].double().cpu()
+                        u = rms_normalise(y, norm_eps(module)).reshape(-1, hidden)[keep].double().cpu()
                     if not (torch.isfinite(u).all() and torch.isfinite(r).all()):
                         raise BlockCBOError(
                             f"the activations around removed blocks {start}..{stop - 1} are not finite (NaN or "
                             "inf); load the model in float32 (`dtype`) or check the weights"
                         )
-                    w = _token_weights(g, weighting)
+                    w = token_weights(g, weighting)
                     if run_kind == "renormalised":
                         cached["y"].append(y.reshape(-1, hidden)[keep].float().cpu())
                         cached["r"].append(r.float())
@@ -680,15 +377,15 @@ def fit_repair(
                     bar.update(ids.shape[0])
             targets[j] = streams_of[stop - 1] = []  # freed: the refits only need their own blocks' streams
             scale = None
-            if run_kind in _BEFORE_THE_NORM:  # the post-norm's own scale γ: where the fit starts
+            if run_kind in BEFORE_THE_NORM:  # the post-norm's own scale γ: where the fit starts
                 gamma = module.weight.detach().double().cpu() + spec.norm_weight_offset
             if run_kind == "rotation":
-                matrix, scale, before, after = _solve_rotation(normal, gamma, ridge)
+                matrix, scale, before, after = solve_rotation(normal, gamma, ridge)
             elif run_kind == "renormalised":
                 rows = [torch.cat(cached[key]) for key in ("y", "r", "w")]
-                matrix, scale, before, after = _solve_renormalised(normal, *rows, gamma, _norm_eps(module), ridge)
+                matrix, scale, before, after = solve_renormalised(normal, *rows, gamma, norm_eps(module), ridge)
             else:
-                matrix, before, after = _solve(normal, run_kind, ridge)
+                matrix, before, after = solve_map(normal, run_kind, ridge)
             total = max(normal.gg, 1e-30)
             repair.maps.append(
                 RepairMap(start, stop, source, matrix, before / total, max(after, 0.0) / total, run_kind, scale)
