@@ -92,3 +92,35 @@ def test_stream_until_and_skipped_blocks_equal_the_gated_model(fixture, request)
     with torch.no_grad(), skipped_blocks(layers, [1, 2], as_tuple):
         torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, logits, rtol=1e-5, atol=1e-5)
     assert all(type(layer).__name__ != "_Skip" for layer in layers)  # restored
+
+
+def test_forward_until_stopped_leaves_no_hook_or_stand_in_whether_it_stops_finishes_or_fails(tiny_llama):
+    from hf_blockcbo.hessian.replay import StopForward, forward_until_stopped, shared_prefix
+
+    data = _samples(m=2)
+    ids, mask = data.input_ids, data.attention_mask
+    layers = get_layers(tiny_llama)
+    originals = list(layers)
+    ran = []
+
+    def stop_at_2(module, args, output):
+        ran.append(2)
+        raise StopForward
+
+    def fail(module, args, output):
+        raise RuntimeError("boom")
+
+    def count(module, args, output):
+        ran.append(len(ran))
+
+    hidden = torch.zeros(ids.shape[0], ids.shape[1], tiny_llama.config.hidden_size)
+    with torch.no_grad():
+        handles = [layers[2].register_forward_hook(stop_at_2), layers[3].register_forward_hook(count)]
+        forward_until_stopped(tiny_llama, ids, mask, handles, [shared_prefix(layers, 1, hidden, False)])
+        assert ran == [2]  # stopped at block 2: block 3 never ran
+        forward_until_stopped(tiny_llama, ids, mask, [layers[5].register_forward_hook(count)])
+        assert ran == [2, 1]  # no stop: the whole forward ran once
+        with pytest.raises(RuntimeError, match="boom"):
+            forward_until_stopped(tiny_llama, ids, mask, [layers[1].register_forward_hook(fail)])
+    assert list(layers) == originals
+    assert all(not layer._forward_hooks for layer in layers)

@@ -36,7 +36,7 @@ from ..errors import BlockCBOError
 from ..surgery.gates import BlockGates
 from .gradients import frozen_eval
 from .head_kl import LinearHead
-from .replay import _Reached, shared_prefix
+from .replay import StopForward, forward_until_stopped, shared_prefix
 
 
 logger = logging.getLogger(__name__)
@@ -227,7 +227,7 @@ def removal_states(
         def hook(module, args, kwargs):
             states[index] = args[0] if args else kwargs["hidden_states"]
             if index == last:
-                raise _Reached
+                raise StopForward
 
         return hook
 
@@ -236,14 +236,7 @@ def removal_states(
         gates.layers, removed + 1, reference.block_inputs[removed], reference.block_output_is_tuple
     )
     handles = [gates.layers[j].register_forward_pre_hook(pre(j), with_kwargs=True) for j in at]
-    try:
-        with context:
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
-    except _Reached:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
+    forward_until_stopped(model, ids, mask, handles, [context])
     return states
 
 

@@ -3,7 +3,8 @@
 The stream entering block k depends only on which blocks before k are removed, so a forward whose blocks
 ``0..k−1`` are known need not recompute them: :func:`shared_prefix` replaces them with a replay of block k's
 input. A removed block returns its input (its gate is 0), so :func:`skipped_blocks` replaces it with the identity
-instead of running it gated. :func:`stream_until` runs a model until a block's input is known and stops there. The
+instead of running it gated. :func:`stream_until` runs a model until a block's input is known and stops there;
+:func:`forward_until_stopped` is that early stop for any hook that raises :class:`StopForward`. The
 decoder loop must need nothing from its layers but their output; :func:`hf_blockcbo.hessian.measured.fast_paths`
 checks that once per model against a full forward.
 """
@@ -17,8 +18,23 @@ import torch
 from torch import nn
 
 
-class _Reached(Exception):
-    """Raised by a hook once the wanted block input is captured (the rest of the forward is not needed)."""
+class StopForward(Exception):
+    """Raised by a hook once what it wanted is captured (the rest of the forward is not needed)."""
+
+
+def forward_until_stopped(model: nn.Module, ids, mask, handles, contexts=()) -> None:
+    """Run ``model`` on ``ids`` inside ``contexts`` (entered in order, not yet entered) until a hook raises
+    `StopForward`; the hooks' ``handles`` are removed in any case."""
+    try:
+        with contextlib.ExitStack() as stack:
+            for context in contexts:
+                stack.enter_context(context)
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+    except StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _copy_attributes(stand_in: nn.Module, like: nn.Module) -> None:
@@ -83,15 +99,9 @@ def output_is_tuple(layers: nn.ModuleList, model: nn.Module, ids: torch.Tensor, 
 
     def hook(module, args, output):
         kinds.append(isinstance(output, tuple))
-        raise _Reached
+        raise StopForward
 
-    handle = layers[0].register_forward_hook(hook)
-    try:
-        model(input_ids=ids[:1, :2], attention_mask=mask[:1, :2], use_cache=False)
-    except _Reached:
-        pass
-    finally:
-        handle.remove()
+    forward_until_stopped(model, ids[:1, :2], mask[:1, :2], [layers[0].register_forward_hook(hook)])
     return kinds[0]
 
 
@@ -112,18 +122,13 @@ def stream_until(
 
     def pre(module, args, kwargs):
         captured.append(args[0] if args else kwargs["hidden_states"])
-        raise _Reached
+        raise StopForward
 
     first, hidden = start if start is not None else (0, None)
     handle = layers[stop].register_forward_pre_hook(pre, with_kwargs=True)
-    try:
-        with (
-            shared_prefix(layers, first, hidden, as_tuple),
-            skipped_blocks(layers, [b for b in skip if first <= b < stop], as_tuple),
-        ):
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
-    except _Reached:
-        pass
-    finally:
-        handle.remove()
+    contexts = (
+        shared_prefix(layers, first, hidden, as_tuple),
+        skipped_blocks(layers, [b for b in skip if first <= b < stop], as_tuple),
+    )
+    forward_until_stopped(model, ids, mask, [handle], contexts)
     return captured[0]

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import torch
 
-
-class StopForward(Exception):
-    """Raised by a hook once the stream after the gap is captured: the rest of the model is not run."""
+from ..hessian.replay import StopForward, forward_until_stopped
 
 
 def first_output(output) -> torch.Tensor:
@@ -27,20 +25,9 @@ def capture_streams(model, layers, indices: list[int], ids, mask) -> dict[int, t
 
         return hook
 
-    forward_until_stop(model, [(layers[i], hook_for(i)) for i in sorted(set(indices))], ids, mask)
+    handles = [layers[i].register_forward_hook(hook_for(i)) for i in sorted(set(indices))]
+    forward_until_stopped(model, ids, mask, handles)
     return captured
-
-
-def forward_until_stop(model, hooks, ids, mask) -> None:
-    """Run ``model`` with forward ``hooks`` [(module, hook)] attached until one raises `StopForward`; detach them."""
-    handles = [module.register_forward_hook(hook) for module, hook in hooks]
-    try:
-        model(input_ids=ids, attention_mask=mask, use_cache=False)
-    except StopForward:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def capture_contribution(model, layers, module, index: int, ids, mask):
@@ -56,5 +43,6 @@ def capture_contribution(model, layers, module, index: int, ids, mask):
         captured["h"] = first_output(output).detach()
         raise StopForward
 
-    forward_until_stop(model, [(module, grab), (layers[index], stop)], ids, mask)
+    handles = [module.register_forward_hook(grab), layers[index].register_forward_hook(stop)]
+    forward_until_stopped(model, ids, mask, handles)
     return captured["u"], captured["h"], captured["y"]
