@@ -42,7 +42,8 @@ CASES = [
         ["prune", "--model", "{model}", "--remove", "2", "--no-repair", "--repair-ridge", "1"],
         "--repair-ridge has no effect without --repair",
     ),
-    ("missing student", ["heal", "--student", "{dir}/no-such-student", "--output", "{dir}/out"], "not a model folder"),
+    ("missing student", ["heal", "--student", "{dir}/no-such-student", "--output", "{dir}/out"], "not a folder here"),
+    ("student not a model", ["heal", "--student", "{dir}", "--output", "{dir}/out"], "not a model folder"),
 ]
 
 

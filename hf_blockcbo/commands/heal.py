@@ -82,10 +82,16 @@ class HealCommand(BaseCommand):
         from ..errors import BlockCBOError
 
         a = self.args
-        if not (Path(a.student) / "config.json").is_file():
+        student = Path(a.student)
+        if student.is_dir() and not (student / "config.json").is_file():
             raise BlockCBOError(
-                f"--student {a.student} is not a model folder (no config.json); give the folder `hf-blockcbo prune` "
-                "wrote"
+                f"--student {a.student} is not a model folder (no config.json); give the folder "
+                "`hf-blockcbo prune` wrote"
+            )
+        if not student.is_dir() and a.teacher is None:
+            raise BlockCBOError(
+                f"--student {a.student} is not a folder here; give the folder `hf-blockcbo prune` wrote (a student "
+                "on the Hub needs --teacher)"
             )
         teacher = a.teacher
         if teacher is None:
