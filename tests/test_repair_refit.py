@@ -8,8 +8,9 @@ import torch
 from hf_blockcbo.commands.cli import main
 from hf_blockcbo.config import BlockRemovalConfig, RepairSettings
 from hf_blockcbo.errors import BlockCBOError
+from hf_blockcbo.repair.forms import NormalEquations
 from hf_blockcbo.repair.least_squares import fit_repair, removed_runs
-from hf_blockcbo.repair.refit import RefitNormal, refit_blocks
+from hf_blockcbo.repair.refit import refit_blocks, solve_refit
 from hf_blockcbo.surgery.architectures import get_layers
 from hf_blockcbo.surgery.gates import BlockGates
 from hf_blockcbo.surgery.removal import remove_blocks
@@ -34,16 +35,16 @@ def test_the_refit_is_the_ridge_least_squares_correction():
     e = x @ true.t() + 0.01 * torch.randn(200, 5, generator=gen, dtype=torch.float64)
     g = torch.randn(200, 5, generator=gen, dtype=torch.float64)
     ones = torch.ones(200, 1, dtype=torch.float64)
-    exact = RefitNormal(12, 5)
+    exact = NormalEquations.zeros(12, 5)
     for rows in range(0, 200, 50):  # accumulated in batches
         exact.add(x[rows : rows + 50], e[rows : rows + 50], g[rows : rows + 50], ones[rows : rows + 50])
-    refit = exact.solve(block=4, ridge=0.0)
+    refit = solve_refit(exact, block=4, ridge=0.0)
     expected = torch.linalg.lstsq(x, e).solution.t()
     torch.testing.assert_close(refit.delta, expected, rtol=1e-8, atol=1e-8)
     residual = e - x @ refit.delta.t()
     assert refit.error_before == pytest.approx(float(e.pow(2).sum() / g.pow(2).sum()), rel=1e-10)
     assert refit.error_after == pytest.approx(float(residual.pow(2).sum() / g.pow(2).sum()), rel=1e-6)
-    shrunk = exact.solve(block=4, ridge=1e9)
+    shrunk = solve_refit(exact, block=4, ridge=1e9)
     assert shrunk.delta.abs().max() < 1e-6 and shrunk.error_after == pytest.approx(shrunk.error_before, rel=1e-6)
 
 

@@ -13,12 +13,25 @@ from torch import nn
 from ..errors import BlockCBOError
 from ..surgery.architectures import ArchitectureSpec, get_architecture, get_layers
 from .forms import RepairMap
-from .refit import dense_projection
 
 
 BEFORE_THE_NORM = ("rotation", "renormalised")  # a map folded before a post-norm, plus the norm's scale
 OUTPUT_PROJECTIONS = ("down_proj", "dense_4h_to_h", "c_proj", "out_proj", "o_proj", "fc2")
 SHARED_EXPERTS = ("shared_expert", "shared_experts")
+
+
+def dense_projection(branch: nn.Module) -> nn.Module | None:
+    """The dense linear layer whose output is ``branch``'s output (the branch itself, or its output-projection child
+    named in `OUTPUT_PROJECTIONS`), or None where there is none (experts, a norm after the projection)."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(branch, (nn.Linear, Conv1D)):
+        return branch
+    for name in OUTPUT_PROJECTIONS:
+        child = getattr(branch, name, None)
+        if isinstance(child, (nn.Linear, Conv1D)):
+            return child
+    return None
 
 
 def contribution_module(model: nn.Module, source: int, spec: ArchitectureSpec | None = None) -> nn.Module:
@@ -86,7 +99,7 @@ def fold_linear(module: nn.Module, matrix: torch.Tensor) -> None:
     if isinstance(module, nn.Embedding):
         module.weight.copy_((module.weight.double() @ T.to(module.weight.device)).to(module.weight.dtype))
         return
-    projection = dense_projection(module, OUTPUT_PROJECTIONS)  # the branch's own output projection
+    projection = dense_projection(module)  # the branch's own output projection
     if projection is not None:
         fold_linear(projection, T)
         return

@@ -42,12 +42,29 @@ class RepairMap:
 
 @dataclass
 class NormalEquations:
-    """Normal equations of one run, float64."""
+    """Weighted normal equations of one least-squares fit (a gap's map or a refit), accumulated in float64 over
+    calibration batches: ``uu`` = UᵀWU, ``ur`` = UᵀWR, ``rr`` = Σ w‖r‖² and ``gg`` = Σ w‖g‖² (the target's, for the
+    relative error)."""
 
     uu: torch.Tensor
     ur: torch.Tensor
     rr: float = 0.0
     gg: float = 0.0
+
+    @classmethod
+    def zeros(cls, inputs: int, outputs: int) -> NormalEquations:
+        return cls(
+            uu=torch.zeros(inputs, inputs, dtype=torch.float64), ur=torch.zeros(inputs, outputs, dtype=torch.float64)
+        )
+
+    def add(self, u: torch.Tensor, r: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> None:
+        """Rows of one batch (valid tokens only, float64): inputs ``u``, residual ``r``, target ``g``, weights ``w``
+        ([tokens, 1]; uniform weights are ones, so the sums are the unweighted ones bit for bit)."""
+        wu = u * w
+        self.uu += wu.t() @ u
+        self.ur += wu.t() @ r
+        self.rr += float((w * r * r).sum())
+        self.gg += float((w * g * g).sum())
 
 
 def rms_normalise(x: torch.Tensor, eps: float) -> torch.Tensor:

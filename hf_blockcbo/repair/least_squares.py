@@ -56,7 +56,7 @@ from ..hessian.gradients import frozen_eval
 from ..surgery.architectures import ArchitectureSpec, get_architecture, get_layers
 from ..surgery.gates import BlockGates
 from .capture import capture_contribution, capture_streams
-from .fold import BEFORE_THE_NORM, OUTPUT_PROJECTIONS, contribution_module, fold_map, norm_eps
+from .fold import BEFORE_THE_NORM, contribution_module, dense_projection, fold_map, norm_eps
 from .forms import (
     NormalEquations,
     RepairMap,
@@ -66,7 +66,7 @@ from .forms import (
     solve_rotation,
     token_weights,
 )
-from .refit import Refit, RefitNormal, dense_projection, projection_inputs, refit_blocks
+from .refit import Refit, projection_inputs, refit_blocks, solve_refit
 
 
 # -- where a block's last contribution comes from ------------------------------------------------------------------
@@ -141,7 +141,7 @@ def _refitted_blocks(model, runs, spec: ArchitectureSpec, kind: str, depth: int 
         kept = []
         for block in refit_blocks(runs, j, depth, num_blocks):
             branch = contribution_module(model, block, spec)
-            if dense_projection(branch, OUTPUT_PROJECTIONS) is not None:
+            if dense_projection(branch) is not None:
                 kept.append(block)
             elif strict:
                 raise BlockCBOError(
@@ -154,7 +154,7 @@ def _refitted_blocks(model, runs, spec: ArchitectureSpec, kind: str, depth: int 
 
 def _projection(model: nn.Module, block: int, spec: ArchitectureSpec | None = None) -> nn.Module:
     """The dense output projection of block ``block``'s last branch (checked by `check_repairable`)."""
-    projection = dense_projection(contribution_module(model, block, spec), OUTPUT_PROJECTIONS)
+    projection = dense_projection(contribution_module(model, block, spec))
     if projection is None:
         raise BlockCBOError(f"block {block} has no dense output projection to refit; set `repair_depth=0`")
     return projection
@@ -259,7 +259,7 @@ def _fit_refit(model, layers, spec, repair: Repair, block: int, targets, calibra
     device = next(model.parameters()).device
     projection = _projection(model, block, spec)
     hidden = targets[0].shape[-1]
-    normal: RefitNormal | None = None
+    normal: NormalEquations | None = None
     with repair.applied(model, spec), BlockGates(model, gate=gate, spec=spec) as gates:
         gates.set_removed(repair.removed)
         for b, (_, ids, mask) in enumerate(calibration.batches(batch_size)):
@@ -273,9 +273,9 @@ def _fit_refit(model, layers, spec, repair: Repair, block: int, targets, calibra
                     f"the activations of block {block} are not finite (NaN or inf); load the model in float32 "
                     "(`dtype`) or check the weights"
                 )
-            normal = normal or RefitNormal(x.shape[-1], hidden)
+            normal = normal or NormalEquations.zeros(x.shape[-1], hidden)
             normal.add(x, e, g, token_weights(g, repair.weighting))
-    return normal.solve(block, repair.ridge)
+    return solve_refit(normal, block, repair.ridge)
 
 
 def fit_repair(
@@ -344,10 +344,7 @@ def fit_repair(
             source = start - 1
             module = contribution_module(model, source, spec)
             run_kind = kind if source >= 0 else "linear"  # a gap at block 0 maps the (untied) embeddings
-            normal = NormalEquations(
-                uu=torch.zeros(hidden, hidden, dtype=torch.float64),
-                ur=torch.zeros(hidden, hidden, dtype=torch.float64),
-            )
+            normal = NormalEquations.zeros(hidden, hidden)
             cached: dict[str, list[torch.Tensor]] = {"y": [], "r": [], "w": []}  # renormalised: the rows themselves
             with repair.applied(model, spec), BlockGates(model, gate=gate, spec=spec) as gates:
                 gates.set_removed(repair.removed)
@@ -369,11 +366,7 @@ def fit_repair(
                         cached["y"].append(y.reshape(-1, hidden)[keep].float().cpu())
                         cached["r"].append(r.float())
                         cached["w"].append(w.float())
-                    wu = u if weighting == "uniform" else u * w  # uniform: the earlier sums, bit for bit
-                    normal.uu += wu.t() @ u
-                    normal.ur += wu.t() @ r
-                    normal.rr += float((w * r * r).sum())
-                    normal.gg += float((w * g * g).sum())
+                    normal.add(u, r, g, w)
                     bar.update(ids.shape[0])
             targets[j] = streams_of[stop - 1] = []  # freed: the refits only need their own blocks' streams
             scale = None

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .forms import NormalEquations
+
 
 def refit_blocks(runs: Sequence[tuple[int, int]], index: int, depth: int, num_blocks: int) -> list[int]:
     """The kept blocks whose projections are refitted after run ``index`` of ``runs``: the first ``depth`` after its
@@ -31,20 +33,6 @@ def refit_blocks(runs: Sequence[tuple[int, int]], index: int, depth: int, num_bl
     stop = runs[index][1]
     end = runs[index + 1][0] if index + 1 < len(runs) else num_blocks
     return list(range(stop, min(stop + depth, end)))
-
-
-def dense_projection(branch: nn.Module, output_projections: Sequence[str]) -> nn.Module | None:
-    """The dense linear layer whose output is ``branch``'s output (the branch itself, or its output-projection child),
-    or None where there is none (experts, a norm after the projection)."""
-    from transformers.pytorch_utils import Conv1D
-
-    if isinstance(branch, (nn.Linear, Conv1D)):
-        return branch
-    for name in output_projections:
-        child = getattr(branch, name, None)
-        if isinstance(child, (nn.Linear, Conv1D)):
-            return child
-    return None
 
 
 def projection_inputs(projection: nn.Module) -> int:
@@ -89,27 +77,12 @@ class Refit:
         weight.copy_((weight.double() + delta).to(weight.dtype))
 
 
-class RefitNormal:
-    """Normal equations of one refit, accumulated in float64 over calibration batches."""
-
-    def __init__(self, inputs: int, outputs: int):
-        self.xx = torch.zeros(inputs, inputs, dtype=torch.float64)
-        self.xe = torch.zeros(inputs, outputs, dtype=torch.float64)
-        self.ee = 0.0
-        self.gg = 0.0
-
-    def add(self, x: torch.Tensor, e: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> None:
-        """Rows of one batch (valid tokens only, float64): inputs ``x``, residual ``e``, target ``g``, weights ``w``."""
-        wx = x * w
-        self.xx += wx.t() @ x
-        self.xe += wx.t() @ e
-        self.ee += float((w * e * e).sum())
-        self.gg += float((w * g * g).sum())
-
-    def solve(self, block: int, ridge: float) -> Refit:
-        lam = ridge * float(torch.diagonal(self.xx).mean())
-        eye = torch.eye(self.xx.shape[0], dtype=torch.float64)
-        delta_t = torch.linalg.solve(self.xx + lam * eye, self.xe)  # [in, out]
-        after = self.ee - 2 * float((delta_t * self.xe).sum()) + float((delta_t * (self.xx @ delta_t)).sum())
-        total = max(self.gg, 1e-30)
-        return Refit(block, delta_t.t().contiguous(), self.ee / total, max(after, 0.0) / total)
+def solve_refit(normal: NormalEquations, block: int, ridge: float) -> Refit:
+    """The ridge correction of block ``block``'s projection from its normal equations (inputs x, residual e = g − h),
+    shrunk towards no correction, and its stream errors before and after."""
+    lam = ridge * float(torch.diagonal(normal.uu).mean())
+    eye = torch.eye(normal.uu.shape[0], dtype=torch.float64)
+    delta_t = torch.linalg.solve(normal.uu + lam * eye, normal.ur)  # [in, out]
+    after = normal.rr - 2 * float((delta_t * normal.ur).sum()) + float((delta_t * (normal.uu @ delta_t)).sum())
+    total = max(normal.gg, 1e-30)
+    return Refit(block, delta_t.t().contiguous(), normal.rr / total, max(after, 0.0) / total)
