@@ -28,6 +28,14 @@ def hub(monkeypatch, tmp_path):
         monkeypatch.setattr(
             constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}"
         )
+        import huggingface_hub.hf_api as hf_api
+        import transformers.utils.hub as transformers_hub
+
+        # shared `HfApi` instances read the endpoint when they are made, which in some test orders is before this
+        # fixture: huggingface_hub's module-level one (behind its top-level `create_repo`) and the one transformers'
+        # own push_to_hub makes on first use and keeps
+        monkeypatch.setattr(hf_api.api, "endpoint", server.url)
+        monkeypatch.setattr(transformers_hub, "_hf_api", None)
         yield server
 
 
