@@ -97,6 +97,13 @@ def main() -> None:
     )
     parser.add_argument("--heal-lr", type=float, default=1e-4, help="learning rate of both distillation arms")
     parser.add_argument(
+        "--heal-data",
+        default=None,
+        help="distil every arm on these sources instead of the calibration text (comma-separated; `embedded` is "
+        "the calibration novel): each shorter source's text is repeated to the longest's length, so every source "
+        "holds an equal share of the training text, e.g. embedded,eval_data/shakespeare_twelfth_night.txt",
+    )
+    parser.add_argument(
         "--heal-short-lr",
         help="learning rates of the repaired + short arm, comma-separated, one arm each (default: --heal-lr)",
     )
@@ -208,6 +215,7 @@ def distill(args, model, tokenizer, source, config, selection, tests, unpruned) 
     # the form `prune --repair --heal` fits: `auto` is the family's start for training
     heal_config = config.replace(repair_kind=kind_before_training(model, config.repair_kind))
     work = Path(tempfile.mkdtemp(prefix="repair_bench_"))
+    heal_data = balanced_text(args.heal_data, work / "heal_data.jsonl") if args.heal_data else None
     teacher = config.model or "embedded:smollm2"  # the unpruned model the student came from
     out = []
     long_arm = None  # the long arm's per-window test losses, once measured
@@ -224,9 +232,11 @@ def distill(args, model, tokenizer, source, config, selection, tests, unpruned) 
             summary = prune_and_save(
                 copy.deepcopy(model), tokenizer, selection, student, source, heal_config.replace(repair=repaired)
             )
-            if repaired:  # the form fitted, in the row's name
-                depth = summary["repair"].get("depth")
-                form = summary["repair"]["kind"] + (f", depth {depth}" if depth else "")
+            if repaired:  # the form fitted, in the row's name (and whether the validation check folded it)
+                record = summary.get("repair") or summary["repair_rejected"]
+                depth = record.get("depth")
+                form = record["kind"] + (f", depth {depth}" if depth else "")
+                form += ", not folded: the validation check rejected it" if summary.get("repair_rejected") else ""
                 label = label.replace("repaired", f"repaired ({form})")
             prepare_s = time.perf_counter() - began
             heal_args = HealConfig(
@@ -239,7 +249,7 @@ def distill(args, model, tokenizer, source, config, selection, tests, unpruned) 
                 warmup_steps=max(1, steps // 10),
             )
             began = time.perf_counter()
-            heal(student, teacher, None, work / f"healed_{arm}", heal_args, eval_samples=8)
+            heal(student, teacher, heal_data, work / f"healed_{arm}", heal_args, eval_samples=8)
             heal_s = time.perf_counter() - began
             healed = AutoModelForCausalLM.from_pretrained(work / f"healed_{arm}").eval()
             row = {
@@ -265,6 +275,26 @@ def distill(args, model, tokenizer, source, config, selection, tests, unpruned) 
     return out
 
 
+def balanced_text(sources: str, path: Path) -> str:
+    """A JSONL file of text records holding every source of ``sources`` (comma-separated; ``embedded``: the
+    calibration novel) in equal shares: each source's whole text is one record, repeated until the source is as long
+    as the longest (distillation cuts records into paragraph-sized samples, so none mixes two sources). Returns its
+    path, for `heal`'s ``data``."""
+    from hf_blockcbo.data import embedded_documents
+
+    texts = []
+    for source in filter(None, (s.strip() for s in sources.split(","))):
+        texts.append(
+            "\n\n".join(embedded_documents("calibration")) if source == "embedded" else Path(source).read_text()
+        )
+    longest = max(len(text) for text in texts)
+    with path.open("w", encoding="utf-8") as out:
+        for text in texts:
+            for _ in range(round(longest / len(text))):
+                out.write(json.dumps({"text": text}) + "\n")
+    return str(path)
+
+
 def short_steps(args) -> list[int]:
     """The short arms' step counts (``--heal-short``), in order."""
     return [int(x) for x in args.heal_short.split(",") if x]
@@ -287,6 +317,8 @@ def write(args, rows, heal_rows, unpruned, tests) -> None:
         name += f"_depth_{args.depth}"
     if args.repair_samples != BlockRemovalConfig.repair_samples:
         name += f"_repair_samples_{args.repair_samples}"
+    if args.heal_data and args.heal_steps:
+        name += "_heal_" + "+".join(Path(s).stem for s in args.heal_data.split(",") if s)
     if args.short_arm_only and args.heal_steps:
         name += "_short_arm"
     if len(short_steps(args)) > 1 and args.heal_steps:
