@@ -233,6 +233,16 @@ class BlockRemovalConfig:
             "docs/results.md §3), else 0."
         },
     )
+    repair_check: bool = field(
+        default=True,
+        metadata={
+            "help": "repair: before folding the repair, measure the validation perplexity (the selection's "
+            "validation data) of the pruned model with and without it; a repair that does not lower it is not "
+            "folded, and the model is saved unrepaired with a warning (a map fitted on one domain can hurt "
+            "another: docs/results.md §3). `--no-repair-check` folds the repair unchecked and skips the two "
+            "validation passes."
+        },
+    )
 
     def __post_init__(self) -> None:
         self._check_types()

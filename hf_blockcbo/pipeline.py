@@ -379,9 +379,19 @@ def repaired_candidate(model: nn.Module, tokenizer, config: BlockRemovalConfig):
     )
 
 
-def repair_model(model: nn.Module, tokenizer, config: BlockRemovalConfig, blocks, progress: bool = False) -> dict:
+def repair_model(
+    model: nn.Module,
+    tokenizer,
+    config: BlockRemovalConfig,
+    blocks,
+    progress: bool = False,
+    unrepaired: float | None = None,
+) -> dict:
     """Fit the repair of removing ``blocks`` and fold it into ``model``'s weights (blocks not yet removed); the
-    record that goes into the provenance."""
+    record that goes into the provenance. With ``config.repair_check`` (the default) the repair is first checked on
+    the validation data (`check_repair`; ``unrepaired``: the pruned model's validation perplexity where the selection
+    measured it already): one that does not lower it is not folded, the model is left as it was, and the record
+    says so (``validation.kept`` false)."""
     from .repair.least_squares import fit_repair
 
     repair = fit_repair(
@@ -393,8 +403,50 @@ def repair_model(model: nn.Module, tokenizer, config: BlockRemovalConfig, blocks
         config.gate,
         progress,
     )
+    record = repair.to_dict()
+    if config.repair_check:
+        check = record["validation"] = check_repair(model, tokenizer, config, blocks, repair, unrepaired)
+        if not check["kept"]:
+            logger.warning(
+                "the repair did not lower the validation perplexity on %s (%.2f → %.2f), so it was not folded and "
+                "the model is saved unrepaired; fit it on data like the validation's (`repair_data`), or fold it anyway "
+                "with `repair_check=false`",
+                check["data"],
+                check["perplexity_unrepaired"],
+                check["perplexity_repaired"],
+            )
+            return record
     repair.fold_into(model)
-    return repair.to_dict()
+    return record
+
+
+def check_repair(
+    model: nn.Module, tokenizer, config: BlockRemovalConfig, blocks, repair, unrepaired: float | None = None
+) -> dict:
+    """The validation perplexity of the model with ``blocks`` gated off, without (measured unless ``unrepaired`` is
+    given) and with ``repair`` (hooks, weights untouched), on the selection's validation data; ``kept``: the repair
+    lowers it."""
+    from .evaluation.likelihood import perplexity
+
+    began = time.perf_counter()
+    validation = validation_samples(tokenizer, config)
+    if unrepaired is None:
+        unrepaired = perplexity(model, validation, blocks, config.batch_size, config.gate)
+    with repair.applied(model):
+        repaired = perplexity(model, validation, blocks, config.batch_size, config.gate)
+    return {
+        "data": validation.source,
+        "samples": len(validation),
+        "perplexity_unrepaired": unrepaired,
+        "perplexity_repaired": repaired,
+        "kept": math.isfinite(repaired) and repaired < unrepaired,
+        "seconds": round(time.perf_counter() - began, 3),
+    }
+
+
+def repair_rejected(record: dict | None) -> bool:
+    """Whether a `repair_model` record is a repair its validation check did not fold."""
+    return bool(record) and not record.get("validation", {}).get("kept", True)
 
 
 def prune_and_save(
@@ -424,7 +476,11 @@ def prune_and_save(
         check_repairable(model, selection.blocks, settings=config.repair_settings)
     if selection.merge_into is not None:
         merge_window(model, selection.merge_into, selection.blocks)
-    repair = repair_model(model, tokenizer, config, selection.blocks, progress) if config.repair else None
+    repair = None
+    if config.repair:  # the selection's validation perplexity of the unrepaired pick, where it measured one
+        known = selection.validation_ppl if selection.validation_data and not config.repair_aware else None
+        repair = repair_model(model, tokenizer, config, selection.blocks, progress, known)
+    rejected = repair if repair_rejected(repair) else None
     remove_blocks(model, selection.blocks)
     summary = Provenance(
         removed_blocks=list(selection.blocks),
@@ -448,7 +504,8 @@ def prune_and_save(
         merged_into=selection.merge_into,
         config=config.to_dict(),
         calibration=dict(artifact.metadata) if artifact is not None else {},
-        repair=repair,
+        repair=None if rejected else repair,
+        extra={"repair_rejected": rejected} if rejected else {},
     ).to_dict()
     save_pruned(model, tokenizer, output_dir, summary, overwrite=overwrite)
     return summary

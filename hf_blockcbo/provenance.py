@@ -28,7 +28,8 @@ class Provenance:
         merged_into (`int`, *optional*): sliding-window merging's target block.
         config (`dict`): the `BlockRemovalConfig`; calibration (`dict`): the artifact's metadata.
         repair (`dict`, *optional*): the training-free repair folded into the weights (kind, ridge, tokens, each
-            run's fit error before/after), `None` when not repaired.
+            run's fit error before/after, the validation perplexity without and with it), `None` when not repaired.
+            A repair its validation check did not fold is kept under ``repair_rejected`` (in ``extra``).
         extra (`dict`): later additions (healing, evaluations, ...), kept at the top level of the JSON.
     """
 

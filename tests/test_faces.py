@@ -34,6 +34,7 @@ def _comparable(record: dict) -> dict:
     for record in (out.get("solver") or {}).get("rounds") or []:  # the rounds' trigger check and rounds, timed
         record.pop("seconds", None)
     (out.get("repair") or {}).pop("seconds", None)
+    ((out.get("repair") or {}).get("validation") or {}).pop("seconds", None)  # the repair's check, timed
     return out
 
 

@@ -521,7 +521,7 @@ def test_auto_takes_the_familys_start_for_training_only_where_training_follows(t
 
     monkeypatch.setattr(prune_command, "run_heal", healed)
     base = ["prune", "--model", str(tiny_gemma3_dir), "--blocks", "2,3", "--repair", "--repair-samples", "8"]
-    base += ["--seq-len", "24", "--no-progress"]
+    base += ["--seq-len", "24", "--no-progress", "--no-repair-check"]  # the form fitted, whatever it does here
     for name, extra in (("plain", []), ("heal", ["--heal"]), ("named", ["--heal", "--repair-kind", "renormalised"])):
         out = tmp_path / name
         assert main([*base, *extra, "--output", str(out)]) == 0
@@ -556,3 +556,121 @@ def test_the_callbacks_removal_repairs_with_the_start_for_training(tiny_gemma3_d
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
     Trainer(model=model, args=args, train_dataset=rows, data_collator=collator, callbacks=[callback]).train()
     assert callback.removed is not None and callback.repair["kind"] == "diagonal"
+
+
+def _prune_repaired(model_dir, out, *extra):
+    args = ["prune", "--model", str(model_dir), "--blocks", "2,3", "--repair", "--repair-samples", "4"]
+    return main([*args, "--seq-len", "24", "--validation-samples", "4", "--no-progress", *extra, "--output", str(out)])
+
+
+def _validation_perplexities(model_dir, blocks, repair_scale: float) -> tuple[float, float]:
+    """The pruned model's validation perplexity (the check's windows) without and with its repair, maps scaled by
+    ``repair_scale``, measured here directly."""
+    from hf_blockcbo.data import repair_samples
+    from hf_blockcbo.models import load_model, resolve_model
+    from hf_blockcbo.pipeline import validation_samples
+
+    config = BlockRemovalConfig(blocks=blocks, repair=True, repair_samples=4, seq_len=24, validation_samples=4)
+    model, tokenizer = load_model(resolve_model(str(model_dir), None))
+    repair = fit_repair(model, blocks, repair_samples(tokenizer, config), config.repair_settings)
+    for m in repair.maps:
+        m.matrix = m.matrix * repair_scale
+    validation = validation_samples(tokenizer, config)
+    with repair.applied(model):
+        repaired = perplexity(model, validation, blocks)
+    return perplexity(model, validation, blocks), repaired
+
+
+def test_the_repair_check_folds_a_repair_that_lowers_validation_perplexity(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    assert _prune_repaired(tiny_model_dir, out) == 0
+    printed = capsys.readouterr().out
+    record = json.loads((out / "block_removal.json").read_text())
+    check = record["repair"]["validation"]
+    unrepaired, repaired = _validation_perplexities(tiny_model_dir, [2, 3], 1.0)
+    assert check["kept"] is True and check["data"] == "embedded:validation" and check["samples"] == 4
+    assert check["perplexity_unrepaired"] == pytest.approx(unrepaired, rel=1e-6)
+    assert check["perplexity_repaired"] == pytest.approx(repaired, rel=1e-6) and repaired < unrepaired
+    assert f"from {unrepaired:.2f} to {repaired:.2f}" in printed and "repair_rejected" not in record
+    from hf_blockcbo.hub.publish import model_card
+
+    assert f"from {unrepaired:.2f} to {repaired:.2f}" in str(model_card(out, "tester/x"))
+
+
+def test_the_repair_check_keeps_the_model_unrepaired_when_the_repair_hurts(
+    tiny_model_dir, tmp_path, capsys, monkeypatch
+):
+    """A repair that raises validation perplexity (here: the fitted maps scaled ×20) is not folded: the saved
+    weights are those of the plain removal, the provenance keeps it under `repair_rejected`, prune says so in one
+    line and the card says the weights are unrepaired. `--no-repair-check` folds it anyway."""
+    from hf_blockcbo.hub.publish import model_card
+    from hf_blockcbo.repair import least_squares
+
+    real_fit = least_squares.fit_repair
+
+    def harmful_fit(*args, **kwargs):
+        repair = real_fit(*args, **kwargs)
+        for m in repair.maps:
+            m.matrix = m.matrix * 20.0
+        return repair
+
+    monkeypatch.setattr(least_squares, "fit_repair", harmful_fit)
+    unrepaired, repaired = _validation_perplexities(tiny_model_dir, [2, 3], 20.0)
+    assert repaired > unrepaired
+    plain, checked, unchecked = tmp_path / "plain", tmp_path / "checked", tmp_path / "unchecked"
+    args = ["prune", "--model", str(tiny_model_dir), "--blocks", "2,3", "--seq-len", "24", "--no-progress"]
+    assert main([*args, "--output", str(plain)]) == 0
+    assert _prune_repaired(tiny_model_dir, checked) == 0
+    printed = capsys.readouterr().out
+    assert (
+        "Not repaired: the repair did not lower the validation perplexity on embedded:validation "
+        f"({unrepaired:.2f} → {repaired:.2f})"
+    ) in printed
+    assert "Repaired 1 removed run(s)" not in printed
+    record = json.loads((checked / "block_removal.json").read_text())
+    assert record["repair"] is None and record["repair_rejected"]["validation"]["kept"] is False
+    assert record["repair_rejected"]["validation"]["perplexity_repaired"] == pytest.approx(repaired, rel=1e-6)
+    from safetensors.torch import load_file
+
+    def weights(folder):
+        return load_file(folder / "model.safetensors")
+
+    expected, got = weights(plain), weights(checked)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    card = str(model_card(checked, "tester/x"))
+    assert "not applied" in card and "these weights are the\npruned model's, unrepaired" in card
+
+    assert _prune_repaired(tiny_model_dir, unchecked, "--no-repair-check") == 0
+    record = json.loads((unchecked / "block_removal.json").read_text())
+    assert "validation" not in record["repair"] and "repair_rejected" not in record
+    got = weights(unchecked)
+    assert not all(torch.equal(expected[k], got[k]) for k in expected), "--no-repair-check folds the repair"
+
+
+def test_the_repair_check_is_a_repair_flag(tiny_model_dir, tmp_path, capsys):
+    """`--no-repair-check` without `--repair` is refused like every repair flag (one line, nothing written)."""
+    out = tmp_path / "out"
+    args = ["prune", "--model", str(tiny_model_dir), "--blocks", "2,3", "--repair-check", "--output", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--repair-check" in err and "--repair" in err and not out.exists()
+    assert BlockRemovalConfig().repair_check is True
+    with pytest.raises(BlockCBOError, match="`repair_check` must be bool, got 'yes'"):
+        BlockRemovalConfig(repair_check="yes")
+
+
+def test_the_repair_check_reuses_the_selections_validation_perplexity(tiny_model_dir, tmp_path):
+    """Where validation selection scored the unrepaired pick on the same windows, the check takes that figure
+    instead of measuring it again; repair-aware selection scored it repaired, so the check measures it."""
+    base = ["prune", "--model", str(tiny_model_dir), "--remove", "2", "--repair", "--repair-samples", "4"]
+    base += ["--seq-len", "24", "--num-samples", "4", "--top-k", "3", "--validation-samples", "4", "--no-progress"]
+    records = {}
+    for name, extra in (("plain", []), ("aware", ["--repair-aware"])):
+        assert main([*base, *extra, "--output", str(tmp_path / name)]) == 0
+        record = json.loads((tmp_path / name / "block_removal.json").read_text())
+        records[name] = record, (record["repair"] or record["repair_rejected"])["validation"]
+    record, check = records["plain"]
+    assert check["perplexity_unrepaired"] == record["validation_perplexity"]
+    record, check = records["aware"]
+    assert check["perplexity_repaired"] == pytest.approx(record["validation_perplexity"], rel=1e-5)
+    assert check["perplexity_unrepaired"] != record["validation_perplexity"]

@@ -83,6 +83,7 @@ GROUPS = {
         "repair_weighting",
         "repair_kind",
         "repair_depth",
+        "repair_check",
     ),
 }
 _CHOICES = {

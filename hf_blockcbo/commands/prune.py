@@ -112,6 +112,20 @@ class PruneCommand(BaseCommand):
                     f"{r['block']}: {r['fit_error_before']:.3g} → {r['fit_error_after']:.3g}" for r in refits
                 )
                 print(f"Refitted the output projection of {len(refits)} kept block(s) after the gaps: {fits}")
+            check = summary["repair"].get("validation")
+            if check:
+                print(
+                    f"The repair lowered the validation perplexity on {check['data']} from "
+                    f"{check['perplexity_unrepaired']:.2f} to {check['perplexity_repaired']:.2f} (checked in "
+                    f"{check['seconds']:.1f} s)"
+                )
+        if summary.get("repair_rejected"):
+            check = summary["repair_rejected"]["validation"]
+            print(
+                f"Not repaired: the repair did not lower the validation perplexity on {check['data']} "
+                f"({check['perplexity_unrepaired']:.2f} → {check['perplexity_repaired']:.2f}), so the model was saved "
+                "unrepaired (`--repair-data` on data like the validation's, or `--no-repair-check` to fold it anyway)"
+            )
         if args.heal:
             import shutil
 

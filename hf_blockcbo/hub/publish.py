@@ -135,6 +135,7 @@ def model_card(model_dir: str | os.PathLike, repo_id: str, license: str | None =
         solver=provenance.get("solver"),
         config_json=json.dumps(provenance.get("config", {}), indent=2, sort_keys=True),
         repair=provenance.get("repair"),
+        repair_rejected=provenance.get("repair_rejected"),
         speed=provenance.get("speed"),
         speed_rows=_speed_rows(provenance),
     )

@@ -28,7 +28,13 @@ from hf_blockcbo.errors import BlockCBOError  # noqa: E402
 from hf_blockcbo.evaluation.likelihood import perplexity  # noqa: E402
 from hf_blockcbo.hessian.artifact import HessianArtifact  # noqa: E402
 from hf_blockcbo.models import load_model, model_fingerprint, resolve_model  # noqa: E402
-from hf_blockcbo.pipeline import Selection, calibrate, prune_and_save, solver_record  # noqa: E402
+from hf_blockcbo.pipeline import (  # noqa: E402
+    Selection,
+    calibrate,
+    prune_and_save,
+    repair_rejected,
+    solver_record,
+)
 from hf_blockcbo.selection.rounds import solve_with_rounds  # noqa: E402
 from hf_blockcbo.selection.scorers import ScoringContext, score  # noqa: E402
 from hf_blockcbo.surgery.architectures import count_parameters, describe_blocks  # noqa: E402
@@ -280,7 +286,15 @@ def generate(model_id: str, num_remove: int, top_k: int, rank: int, prompt: str,
     ppl_original, ppl_pruned = perplexity(model, text), perplexity(pruned_model, text)
     speed_up = report.ratio("decode_tokens_per_s", "pruned", "original")
     ideal = report.models["original"].layers / report.models["pruned"].layers
-    repaired = f", repaired without training in {record['seconds']:.1f} s" if record else ""
+    repaired = ""
+    if record and repair_rejected(record):  # the validation check kept the unrepaired weights
+        check = record["validation"]
+        repaired = (
+            f", not repaired (the repair did not lower validation perplexity: {check['perplexity_unrepaired']:.1f} "
+            f"→ {check['perplexity_repaired']:.1f}, so it was not folded)"
+        )
+    elif record:
+        repaired = f", repaired without training in {record['seconds']:.1f} s"
     summary = (
         f"Removed blocks {removed} (state {rank}){repaired}. Perplexity on a held-out Austen passage: "
         f"{ppl_original:.1f} → {ppl_pruned:.1f}. Decode speed measured on the physically pruned copy (median of 3 "
