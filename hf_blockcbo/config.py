@@ -239,8 +239,9 @@ class BlockRemovalConfig:
             "help": "repair: before folding the repair, measure the validation perplexity (the selection's "
             "validation data) of the pruned model with and without it; a repair that does not lower it is not "
             "folded, and the model is saved unrepaired with a warning (a map fitted on one domain can hurt "
-            "another: docs/results.md §3). `--no-repair-check` folds the repair unchecked and skips the two "
-            "validation passes."
+            "another: docs/results.md §3). `--no-repair-check` folds the repair unchecked and skips the "
+            "validation passes. prune, the Python API and the Space check; the callback, where training follows "
+            "the cut, folds its repair unchecked."
         },
     )
 

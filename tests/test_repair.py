@@ -657,6 +657,13 @@ def test_the_repair_check_is_a_repair_flag(tiny_model_dir, tmp_path, capsys):
     assert BlockRemovalConfig().repair_check is True
     with pytest.raises(BlockCBOError, match="`repair_check` must be bool, got 'yes'"):
         BlockRemovalConfig(repair_check="yes")
+    from hf_blockcbo.commands.cli import build_parser
+
+    parser = build_parser()  # prune folds, so it checks; compare measures both and folds nothing: no such flag
+    assert parser.parse_args(["prune", "--model", "m", "--output", "o", "--no-repair-check"]).repair_check is False
+    with pytest.raises(SystemExit):
+        parser.parse_args(["compare", "--model", "m", "--remove", "2", "--output-dir", "o", "--no-repair-check"])
+    assert "unrecognized arguments: --no-repair-check" in capsys.readouterr().err
 
 
 def test_the_repair_check_reuses_the_selections_validation_perplexity(tiny_model_dir, tmp_path):

@@ -21,7 +21,7 @@ class CompareCommand(BaseCommand):
         parser.add_argument("--hessian", help="reuse this artifact for CBO instead of calibrating")
         add_config_flags(parser, "solver", exclude=("num_remove",))
         add_config_flags(parser, "selection", exclude=("validation_samples",))
-        add_config_flags(parser, "repair")
+        add_config_flags(parser, "repair", exclude=("repair_check",))  # compare measures both, folds nothing
         parser.add_argument("--test-data", help="test data (default: embedded test split)")
         parser.add_argument("--eval-samples", type=int, default=32, help="validation and test samples (default 32)")
         parser.add_argument("--sleb-samples", type=int, default=8, help="samples for SLEB's greedy loss (default 8)")
