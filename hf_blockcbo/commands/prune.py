@@ -99,33 +99,8 @@ class PruneCommand(BaseCommand):
             f"{summary['num_blocks_before']} → {summary['num_blocks_after']} blocks, {before / 1e6:.1f}M → "
             f"{after / 1e6:.1f}M parameters ({100 * (1 - after / before):.1f}% fewer). Saved to {args.output}"
         )
-        if summary.get("repair"):
-            runs = summary["repair"]["runs"]
-            fits = ", ".join(f"{r['fit_error_before']:.3g} → {r['fit_error_after']:.3g}" for r in runs)
-            print(
-                f"Repaired {len(runs)} removed run(s) without training ({summary['repair']['kind']} maps folded into "
-                f"the weights, {summary['repair']['seconds']:.1f} s); relative stream error after each gap: {fits}"
-            )
-            refits = summary["repair"].get("refits") or []
-            if refits:
-                fits = ", ".join(
-                    f"{r['block']}: {r['fit_error_before']:.3g} → {r['fit_error_after']:.3g}" for r in refits
-                )
-                print(f"Refitted the output projection of {len(refits)} kept block(s) after the gaps: {fits}")
-            check = summary["repair"].get("validation")
-            if check:
-                print(
-                    f"The repair lowered the validation perplexity on {check['data']} from "
-                    f"{check['perplexity_unrepaired']:.2f} to {check['perplexity_repaired']:.2f} (checked in "
-                    f"{check['seconds']:.1f} s)"
-                )
-        if summary.get("repair_rejected"):
-            check = summary["repair_rejected"]["validation"]
-            print(
-                f"Not repaired: the repair did not lower the validation perplexity on {check['data']} "
-                f"({check['perplexity_unrepaired']:.2f} → {check['perplexity_repaired']:.2f}), so the model was saved "
-                "unrepaired (`--repair-data` on data like the validation's, or `--no-repair-check` to fold it anyway)"
-            )
+        for line in repair_report(summary):
+            print(line)
         if args.heal:
             import shutil
 
@@ -140,3 +115,34 @@ class PruneCommand(BaseCommand):
             )
             print(f"Pushed to {args.push_to_hub}: {url}")
         return 0
+
+
+def repair_report(summary: dict) -> list[str]:
+    """What `prune` says of the repair: the maps and refits folded and their stream errors, then the validation
+    check; or, where the check kept the model unrepaired, why."""
+    lines = []
+    repair, rejected = summary.get("repair"), summary.get("repair_rejected")
+    if repair:
+        fits = ", ".join(f"{r['fit_error_before']:.3g} → {r['fit_error_after']:.3g}" for r in repair["runs"])
+        lines.append(
+            f"Repaired {len(repair['runs'])} removed run(s) without training ({repair['kind']} maps folded into the "
+            f"weights, {repair['seconds']:.1f} s); relative stream error after each gap: {fits}"
+        )
+        refits = repair.get("refits") or []
+        if refits:
+            fits = ", ".join(f"{r['block']}: {r['fit_error_before']:.3g} → {r['fit_error_after']:.3g}" for r in refits)
+            lines.append(f"Refitted the output projection of {len(refits)} kept block(s) after the gaps: {fits}")
+    check = (repair or rejected or {}).get("validation")
+    if check and repair:
+        lines.append(
+            f"The repair lowered the validation perplexity on {check['data']} from "
+            f"{check['perplexity_unrepaired']:.2f} to {check['perplexity_repaired']:.2f} (checked in "
+            f"{check['seconds']:.1f} s)"
+        )
+    elif check:
+        lines.append(
+            f"Not repaired: the repair did not lower the validation perplexity on {check['data']} "
+            f"({check['perplexity_unrepaired']:.2f} → {check['perplexity_repaired']:.2f}), so the model was saved "
+            "unrepaired (`--repair-data` on data like the validation's, or `--no-repair-check` to fold it anyway)"
+        )
+    return lines
