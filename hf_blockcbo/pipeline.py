@@ -477,8 +477,9 @@ def prune_and_save(
     if selection.merge_into is not None:
         merge_window(model, selection.merge_into, selection.blocks)
     repair = None
-    if config.repair:  # the selection's validation perplexity of the unrepaired pick, where it measured one
-        known = selection.validation_ppl if selection.validation_data and not config.repair_aware else None
+    if config.repair:  # the selection's validation perplexity of the unrepaired pick, where it measured this model
+        measured = selection.validation_data and not config.repair_aware and selection.merge_into is None
+        known = selection.validation_ppl if measured else None
         repair = repair_model(model, tokenizer, config, selection.blocks, progress, known)
     rejected = repair if repair_rejected(repair) else None
     remove_blocks(model, selection.blocks)
