@@ -408,9 +408,9 @@ def repair_model(
         check = record["validation"] = check_repair(model, tokenizer, config, blocks, repair, unrepaired)
         if not check["kept"]:
             logger.warning(
-                "the repair did not lower the validation perplexity on %s (%.2f → %.2f), so it was not folded and "
-                "the model is saved unrepaired; fit it on data like the validation's (`repair_data`), or fold it anyway "
-                "with `repair_check=false`",
+                "not repaired: the repair did not lower the validation perplexity on %s (%.2f → %.2f), so it was "
+                "not folded and the model is saved unrepaired; fit it on data like the validation's (`repair_data`, "
+                "--repair-data), or fold it unchecked (`repair_check=false`, --no-repair-check)",
                 check["data"],
                 check["perplexity_unrepaired"],
                 check["perplexity_repaired"],

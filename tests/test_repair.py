@@ -598,7 +598,7 @@ def test_the_repair_check_folds_a_repair_that_lowers_validation_perplexity(tiny_
 
 
 def test_the_repair_check_keeps_the_model_unrepaired_when_the_repair_hurts(
-    tiny_model_dir, tmp_path, capsys, monkeypatch
+    tiny_model_dir, tmp_path, capsys, caplog, monkeypatch
 ):
     """A repair that raises validation perplexity (here: the fitted maps scaled ×20) is not folded: the saved
     weights are those of the plain removal, the provenance keeps it under `repair_rejected`, prune says so in one
@@ -620,13 +620,17 @@ def test_the_repair_check_keeps_the_model_unrepaired_when_the_repair_hurts(
     plain, checked, unchecked = tmp_path / "plain", tmp_path / "checked", tmp_path / "unchecked"
     args = ["prune", "--model", str(tiny_model_dir), "--blocks", "2,3", "--seq-len", "24", "--no-progress"]
     assert main([*args, "--output", str(plain)]) == 0
+    caplog.clear()
     assert _prune_repaired(tiny_model_dir, checked) == 0
-    printed = capsys.readouterr().out
-    assert (
-        "Not repaired: the repair did not lower the validation perplexity on embedded:validation "
+    printed = capsys.readouterr()
+    (warning,) = [r.getMessage() for r in caplog.records if "repair" in r.getMessage()]  # one line, no echo
+    assert warning.startswith(
+        "not repaired: the repair did not lower the validation perplexity on embedded:validation "
         f"({unrepaired:.2f} → {repaired:.2f})"
-    ) in printed
-    assert "Repaired 1 removed run(s)" not in printed
+    )
+    assert "--repair-data" in warning and "--no-repair-check" in warning
+    assert "Repaired" not in printed.out and "The repair lowered" not in printed.out
+    assert "not repaired" not in (printed.out + printed.err).lower()  # the warning is the only line of it
     record = json.loads((checked / "block_removal.json").read_text())
     assert record["repair"] is None and record["repair_rejected"]["validation"]["kept"] is False
     assert record["repair_rejected"]["validation"]["perplexity_repaired"] == pytest.approx(repaired, rel=1e-6)

@@ -118,10 +118,10 @@ class PruneCommand(BaseCommand):
 
 
 def repair_report(summary: dict) -> list[str]:
-    """What `prune` says of the repair: the maps and refits folded and their stream errors, then the validation
-    check; or, where the check kept the model unrepaired, why."""
+    """What `prune` says of a folded repair: the maps and refits and their stream errors, then the validation check
+    (a repair the check kept out is the pipeline's one-line warning)."""
     lines = []
-    repair, rejected = summary.get("repair"), summary.get("repair_rejected")
+    repair = summary.get("repair")
     if repair:
         fits = ", ".join(f"{r['fit_error_before']:.3g} → {r['fit_error_after']:.3g}" for r in repair["runs"])
         lines.append(
@@ -132,17 +132,11 @@ def repair_report(summary: dict) -> list[str]:
         if refits:
             fits = ", ".join(f"{r['block']}: {r['fit_error_before']:.3g} → {r['fit_error_after']:.3g}" for r in refits)
             lines.append(f"Refitted the output projection of {len(refits)} kept block(s) after the gaps: {fits}")
-    check = (repair or rejected or {}).get("validation")
-    if check and repair:
+    check = (repair or {}).get("validation")
+    if check:  # a repair the check rejected is reported by the pipeline's warning, one line for every face
         lines.append(
             f"The repair lowered the validation perplexity on {check['data']} from "
             f"{check['perplexity_unrepaired']:.2f} to {check['perplexity_repaired']:.2f} (checked in "
             f"{check['seconds']:.1f} s)"
-        )
-    elif check:
-        lines.append(
-            f"Not repaired: the repair did not lower the validation perplexity on {check['data']} "
-            f"({check['perplexity_unrepaired']:.2f} → {check['perplexity_repaired']:.2f}), so the model was saved "
-            "unrepaired (`--repair-data` on data like the validation's, or `--no-repair-check` to fold it anyway)"
         )
     return lines
