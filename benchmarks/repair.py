@@ -280,13 +280,12 @@ def balanced_text(sources: str, path: Path) -> str:
     calibration novel) in equal shares: each source's whole text is one record, repeated until the source is as long
     as the longest (distillation cuts records into paragraph-sized samples, so none mixes two sources). Returns its
     path, for `heal`'s ``data``."""
-    from hf_blockcbo.data import embedded_documents
+    from hf_blockcbo.data import load_records
 
     texts = []
     for source in filter(None, (s.strip() for s in sources.split(","))):
-        texts.append(
-            "\n\n".join(embedded_documents("calibration")) if source == "embedded" else Path(source).read_text()
-        )
+        records, _ = load_records(source)  # `embedded` or a text file: one record of its whole text
+        texts.append("\n\n".join(r["text"] for r in records))
     longest = max(len(text) for text in texts)
     with path.open("w", encoding="utf-8") as out:
         for text in texts:

@@ -481,7 +481,7 @@ def prune_and_save(
         measured = selection.validation_data and not config.repair_aware and selection.merge_into is None
         known = selection.validation_ppl if measured else None
         repair = repair_model(model, tokenizer, config, selection.blocks, progress, known)
-    rejected = repair if repair_rejected(repair) else None
+    kept_out = repair_rejected(repair)  # fitted, checked and not folded: recorded beside, not as, the repair
     remove_blocks(model, selection.blocks)
     summary = Provenance(
         removed_blocks=list(selection.blocks),
@@ -505,8 +505,8 @@ def prune_and_save(
         merged_into=selection.merge_into,
         config=config.to_dict(),
         calibration=dict(artifact.metadata) if artifact is not None else {},
-        repair=None if rejected else repair,
-        extra={"repair_rejected": rejected} if rejected else {},
+        repair=None if kept_out else repair,
+        extra={"repair_rejected": repair} if kept_out else {},
     ).to_dict()
     save_pruned(model, tokenizer, output_dir, summary, overwrite=overwrite)
     return summary

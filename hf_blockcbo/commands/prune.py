@@ -120,20 +120,20 @@ class PruneCommand(BaseCommand):
 def repair_report(summary: dict) -> list[str]:
     """What `prune` says of a folded repair: the maps and refits and their stream errors, then the validation check
     (a repair the check kept out is the pipeline's one-line warning)."""
-    lines = []
     repair = summary.get("repair")
-    if repair:
-        fits = ", ".join(f"{r['fit_error_before']:.3g} → {r['fit_error_after']:.3g}" for r in repair["runs"])
-        lines.append(
-            f"Repaired {len(repair['runs'])} removed run(s) without training ({repair['kind']} maps folded into the "
-            f"weights, {repair['seconds']:.1f} s); relative stream error after each gap: {fits}"
-        )
-        refits = repair.get("refits") or []
-        if refits:
-            fits = ", ".join(f"{r['block']}: {r['fit_error_before']:.3g} → {r['fit_error_after']:.3g}" for r in refits)
-            lines.append(f"Refitted the output projection of {len(refits)} kept block(s) after the gaps: {fits}")
-    check = (repair or {}).get("validation")
-    if check:  # a repair the check rejected is reported by the pipeline's warning, one line for every face
+    if not repair:  # none asked for, or one the check rejected: the pipeline's warning said so, for every face
+        return []
+    fits = ", ".join(f"{r['fit_error_before']:.3g} → {r['fit_error_after']:.3g}" for r in repair["runs"])
+    lines = [
+        f"Repaired {len(repair['runs'])} removed run(s) without training ({repair['kind']} maps folded into the "
+        f"weights, {repair['seconds']:.1f} s); relative stream error after each gap: {fits}"
+    ]
+    refits = repair.get("refits") or []
+    if refits:
+        fits = ", ".join(f"{r['block']}: {r['fit_error_before']:.3g} → {r['fit_error_after']:.3g}" for r in refits)
+        lines.append(f"Refitted the output projection of {len(refits)} kept block(s) after the gaps: {fits}")
+    check = repair.get("validation")
+    if check:
         lines.append(
             f"The repair lowered the validation perplexity on {check['data']} from "
             f"{check['perplexity_unrepaired']:.2f} to {check['perplexity_repaired']:.2f} (checked in "
