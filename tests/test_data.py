@@ -162,12 +162,56 @@ def test_repair_data_sources_share_the_repair_windows(tokenizer, tmp_path):
     interleaved = torch.stack([first.input_ids[0], second.input_ids[0], first.input_ids[1], second.input_ids[1]])
     assert torch.equal(mixed.input_ids, torch.cat([interleaved, first.input_ids[2:]]))
     assert mixed.source == f"{first.source} + {second.source}"
-    plain = repair_samples(tokenizer, BlockRemovalConfig(repair_samples=5, seq_len=16))  # unset: the calibration data
-    assert torch.equal(plain.input_ids, build_calibration_set(tokenizer, None, num_samples=5, seq_len=16).input_ids)
+    own = BlockRemovalConfig(repair_samples=5, seq_len=16, data=str(play))  # unset: the calibration data
+    assert own.repair_fit_data == str(play)
+    plain = repair_samples(tokenizer, own)
+    assert torch.equal(
+        plain.input_ids, build_calibration_set(tokenizer, str(play), num_samples=5, seq_len=16).input_ids
+    )
     with pytest.raises(BlockCBOError, match="give each source at least one window"):
         repair_samples(tokenizer, config.replace(repair_samples=1))
     with pytest.raises(BlockCBOError, match="repair_data must name at least one source"):
         BlockRemovalConfig(repair_data=",")
+
+
+def test_the_default_repair_data_is_the_embedded_novel_and_play(tokenizer):
+    from hf_blockcbo.config import DEFAULT_REPAIR_DATA, BlockRemovalConfig
+    from hf_blockcbo.data import (
+        EMBEDDED_PLAY,
+        calibration_samples,
+        embedded_documents,
+        embedded_play,
+        load_records,
+        repair_samples,
+    )
+
+    play = embedded_play()
+    assert play.lstrip().startswith("Twelfth Night") and "DUKE ORSINO" in play and "our play is done" in play
+    assert not any(
+        "Orsino" in p or "ORSINO" in p for split in ("calibration", "test") for p in embedded_documents(split)
+    )
+    assert load_records(EMBEDDED_PLAY) == ([{"text": play}], "embedded:play")
+    config = BlockRemovalConfig(repair_samples=5, seq_len=16, seed=1)
+    assert config.repair_fit_data == DEFAULT_REPAIR_DATA == "embedded,embedded:play"
+    assert BlockRemovalConfig(data="embedded").repair_fit_data == DEFAULT_REPAIR_DATA
+    default = repair_samples(tokenizer, config)
+    novel = build_calibration_set(tokenizer, "embedded", num_samples=3, seq_len=16, seed=1)
+    plays = build_calibration_set(tokenizer, EMBEDDED_PLAY, num_samples=2, seq_len=16, seed=1)
+    assert torch.equal(default.input_ids[0::2], novel.input_ids) and torch.equal(
+        default.input_ids[1::2], plays.input_ids
+    )
+    assert default.source == "embedded + embedded:play"
+    # the calibration windows do not change: only the repair fits on both
+    assert calibration_samples(tokenizer, config).source == "embedded"
+    with pytest.raises(
+        BlockCBOError, match=r"the repair fits on embedded,embedded:play \(2 sources\) but repair_samples is 1"
+    ):
+        BlockRemovalConfig(repair_samples=1)
+    with pytest.raises(
+        BlockCBOError, match=r"the repair fits on embedded,a.txt,b.txt \(3 sources\) but repair_samples"
+    ):
+        BlockRemovalConfig(data="embedded,a.txt,b.txt", repair_samples=2)
+    assert BlockRemovalConfig(repair_samples=1, repair_data="embedded").repair_fit_data == "embedded"
 
 
 def test_several_sources_share_the_windows_interleaved_and_every_prefix_is_a_balanced_mix(tokenizer, tmp_path):

@@ -238,9 +238,14 @@ def test_prune_repair_records_the_repair_and_saves_the_hooked_model(tiny_model_d
     out = tmp_path / "pruned"
     args = ["prune", "--model", str(tiny_model_dir), "--blocks", "2,3", "--repair", "--repair-samples", "4"]
     assert main([*args, "--seq-len", "24", "--no-progress", "--output", str(out)]) == 0
-    assert "Repaired 1 removed run(s)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Repaired 1 removed run(s)" in printed and "fitted on 96 tokens of embedded + embedded:play" in printed
     record = json.loads((out / "block_removal.json").read_text())
     assert record["repair"]["kind"] == "linear" and record["repair"]["tokens"] == 96
+    assert record["repair"]["data"] == "embedded + embedded:play"  # the default: the novel and the embedded play
+    from hf_blockcbo.hub.publish import model_card
+
+    assert "96 calibration tokens of embedded + embedded:play" in str(model_card(out, "tester/x"))
     assert record["repair"]["weighting"] == "uniform" and record["config"]["repair_weighting"] == "uniform"
     (run,) = record["repair"]["runs"]
     assert run["removed"] == [2, 3] and run["mapped_into"] == "block 1"
@@ -600,7 +605,7 @@ def test_the_repair_check_folds_a_repair_that_lowers_validation_perplexity(tiny_
 def test_the_repair_check_keeps_the_model_unrepaired_when_the_repair_hurts(
     tiny_model_dir, tmp_path, capsys, caplog, monkeypatch
 ):
-    """A repair that raises validation perplexity (here: the fitted maps scaled ×20) is not folded: the saved
+    """A repair that raises validation perplexity (here: the fitted maps negated) is not folded: the saved
     weights are those of the plain removal, the provenance keeps it under `repair_rejected`, prune says so in one
     line and the card says the weights are unrepaired. `--no-repair-check` folds it anyway."""
     from hf_blockcbo.hub.publish import model_card
@@ -611,11 +616,11 @@ def test_the_repair_check_keeps_the_model_unrepaired_when_the_repair_hurts(
     def harmful_fit(*args, **kwargs):
         repair = real_fit(*args, **kwargs)
         for m in repair.maps:
-            m.matrix = m.matrix * 20.0
+            m.matrix = -m.matrix
         return repair
 
     monkeypatch.setattr(least_squares, "fit_repair", harmful_fit)
-    unrepaired, repaired = _validation_perplexities(tiny_model_dir, [2, 3], 20.0)
+    unrepaired, repaired = _validation_perplexities(tiny_model_dir, [2, 3], -1.0)
     assert repaired > unrepaired
     plain, checked, unchecked = tmp_path / "plain", tmp_path / "checked", tmp_path / "unchecked"
     args = ["prune", "--model", str(tiny_model_dir), "--blocks", "2,3", "--seq-len", "24", "--no-progress"]

@@ -126,7 +126,8 @@ def repair_report(summary: dict) -> list[str]:
     fits = ", ".join(f"{r['fit_error_before']:.3g} → {r['fit_error_after']:.3g}" for r in repair["runs"])
     lines = [
         f"Repaired {len(repair['runs'])} removed run(s) without training ({repair['kind']} maps folded into the "
-        f"weights, {repair['seconds']:.1f} s); relative stream error after each gap: {fits}"
+        f"weights, {repair['seconds']:.1f} s, fitted on {repair['tokens']:,} tokens of {repair['data']}); relative "
+        f"stream error after each gap: {fits}"
     ]
     refits = repair.get("refits") or []
     if refits:

@@ -183,6 +183,7 @@ class Repair:
     weighting: str = "uniform"
     depth: int = 0
     refits: list[Refit] = field(default_factory=list)  # repair_depth: kept blocks' output projections, in order
+    data: str = ""  # where the calibration tokens came from (`CalibrationSet.source`)
 
     def to_dict(self) -> dict:
         out = {
@@ -190,6 +191,7 @@ class Repair:
             "ridge": self.ridge,
             "weighting": self.weighting,
             "tokens": self.tokens,
+            "data": self.data,
             "seconds": round(self.seconds, 3),
             "runs": [m.to_dict() for m in self.maps],
         }
@@ -326,6 +328,7 @@ def fit_repair(
         tokens=valid_tokens,
         weighting=weighting,
         depth=depth,
+        data=calibration.source,
     )
     passes = len(runs) + 1 + sum(len(r) for r in refitted)
     bar = tqdm(total=passes * len(calibration), desc="fitting repair maps", disable=not progress, leave=False)

@@ -294,7 +294,7 @@ def generate(model_id: str, num_remove: int, top_k: int, rank: int, prompt: str,
             f"→ {check['perplexity_repaired']:.1f}, so it was not folded)"
         )
     elif record:
-        repaired = f", repaired without training in {record['seconds']:.1f} s"
+        repaired = f", repaired without training in {record['seconds']:.1f} s (fitted on {record['data']})"
         check = record.get("validation")
         if check:
             repaired += (
