@@ -5,8 +5,9 @@
 
 (`eval_data` from `python examples/offline_eval_data.py --output eval_data`.) Every state (given by name and blocks,
 e.g. the picks of a `benchmarks/repair.py` run) is measured unrepaired once, then repaired with every fit: each ridge
-in ``--ridges`` times each refit depth in ``--depths`` times each data choice in ``--fits`` (``default``: the config's calibration data; otherwise a
-``repair_data`` value, whose comma-separated sources share the windows). For each: test perplexity on *Persuasion*
+in ``--ridges`` times each refit depth in ``--depths`` times each data choice in ``--fits`` (``default``: the config's
+default fit data, ``embedded,embedded:play`` since 2026-12-08; otherwise a ``repair_data`` value, whose comma-separated
+sources share the windows, e.g. ``embedded`` for the novel alone). For each: test perplexity on *Persuasion*
 and *As You Like It* (with ``--gsm8k``, GSM8K chat records too) and the share of the rise (pruned - unpruned) the repair removes. Writes
 ``repair_sweep_<name>.{md,csv,png}``; everything is measured in this one run, on one loaded model.
 """
@@ -48,8 +49,8 @@ def main() -> None:
     parser.add_argument(
         "--fits",
         default="default",
-        help='data choices separated by ";": default (the calibration data) or a repair_data value, e.g. '
-        '"default;embedded,eval_data/gsm8k_chat.jsonl"',
+        help='data choices separated by ";": default (the config\'s default fit data) or a repair_data value, '
+        'e.g. "embedded;default" (the novel alone against the default, the novel and the embedded play)',
     )
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--eval-samples", type=int, default=16, help="test windows per held-out domain")
@@ -131,6 +132,9 @@ def plot(path: Path, rows: list[dict], labels: list[str]) -> None:
     except ImportError:
         print("matplotlib is not installed: no plot")
         return
+    if len({r["ridge"] for r in rows}) == 1 and len({r["depth"] for r in rows}) == 1:
+        plot_fits(path, rows, labels, plt)
+        return
     x = "ridge" if len({r["ridge"] for r in rows}) > 1 else "depth"
     rest = [k for k in ("fit", "depth" if x == "ridge" else "ridge") if len({r[k] for r in rows}) > 1]
     fig, axes = plt.subplots(1, len(labels), figsize=(5.5 * len(labels), 4), sharey=True)
@@ -146,6 +150,30 @@ def plot(path: Path, rows: list[dict], labels: list[str]) -> None:
         ax.set_title(label)
     axes[0].set_ylabel("share of the perplexity rise removed (%)")
     axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def plot_fits(path: Path, rows: list[dict], labels: list[str], plt) -> None:
+    """One ridge and one depth: the share removed per state as bars, one bar per fit data, one panel per domain."""
+    states = list(dict.fromkeys(r["state"] for r in rows))
+    fits = list(dict.fromkeys(r["fit"] for r in rows))
+    width = 0.8 / len(fits)
+    fig, axes = plt.subplots(1, len(labels), figsize=(5 * len(labels), 4), sharey=True)
+    for ax, label in zip(axes, labels, strict=True):
+        for k, fit in enumerate(fits):
+            shares = [
+                100 * next((r[f"{label} removed"] for r in rows if r["state"] == s and r["fit"] == fit), float("nan"))
+                for s in states
+            ]
+            ax.bar([i + (k - (len(fits) - 1) / 2) * width for i in range(len(states))], shares, width, label=fit)
+        ax.axhline(50, color="grey", linestyle=":", linewidth=1)
+        ax.axhline(0, color="black", linewidth=0.6)
+        ax.set_xticks(range(len(states)), states)
+        ax.set_title(label)
+    axes[0].set_ylabel("share of the perplexity rise removed (%)")
+    axes[0].legend(title="repair fitted on", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")

