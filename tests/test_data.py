@@ -162,7 +162,7 @@ def test_repair_data_sources_share_the_repair_windows(tokenizer, tmp_path):
     interleaved = torch.stack([first.input_ids[0], second.input_ids[0], first.input_ids[1], second.input_ids[1]])
     assert torch.equal(mixed.input_ids, torch.cat([interleaved, first.input_ids[2:]]))
     assert mixed.source == f"{first.source} + {second.source}"
-    own = BlockRemovalConfig(repair_samples=5, seq_len=16, data=str(play))  # unset: the calibration data
+    own = BlockRemovalConfig(repair_samples=5, seq_len=16, data=str(play))  # repair_data unset: `data`
     assert own.repair_fit_data == str(play)
     plain = repair_samples(tokenizer, own)
     assert torch.equal(
