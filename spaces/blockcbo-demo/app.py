@@ -294,12 +294,13 @@ def generate(model_id: str, num_remove: int, top_k: int, rank: int, prompt: str,
             f"→ {check['perplexity_repaired']:.1f}, so it was not folded)"
         )
     elif record:
-        repaired = f", repaired without training in {record['seconds']:.1f} s (fitted on {record['data']})"
         check = record.get("validation")
-        if check:
-            repaired += (
-                f" (validation perplexity {check['perplexity_unrepaired']:.1f} → {check['perplexity_repaired']:.1f})"
-            )
+        figures = (
+            f"; validation perplexity {check['perplexity_unrepaired']:.1f} → {check['perplexity_repaired']:.1f}"
+            if check
+            else ""
+        )
+        repaired = f", repaired without training in {record['seconds']:.1f} s (fitted on {record['data']}{figures})"
     summary = (
         f"Removed blocks {removed} (state {rank}){repaired}. Perplexity on a held-out Austen passage: "
         f"{ppl_original:.1f} → {ppl_pruned:.1f}. Decode speed measured on the physically pruned copy (median of 3 "
