@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from _models import model_argument  # benchmarks/_models.py (run as `python benchmarks/<name>.py`)
+from _models import held_out_tests, model_argument  # benchmarks/_models.py (run as `python benchmarks/<name>.py`)
 
 from hf_blockcbo.config import BlockRemovalConfig
 from hf_blockcbo.data import build_calibration_set, repair_samples
@@ -112,6 +112,21 @@ def main() -> None:
         help="the CBO choice of an earlier run of this script (e.g. 7,8,9,12): skip the calibration and both CBO "
         "selections, measure and distil these blocks",
     )
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="the config's data: calibrate, score the baselines and (unless --repair-data) fit the repairs on these "
+        "sources instead of the embedded novel, e.g. eval_data/gsm8k_fit_text.jsonl (a user's own domain)",
+    )
+    parser.add_argument(
+        "--validation-data",
+        default=None,
+        help="the config's validation_data: select among the top-k on these sources (default: the novel's "
+        "validation split), e.g. eval_data/gsm8k_validation_text.jsonl",
+    )
+    parser.add_argument(
+        "--gsm8k", action="store_true", help="test on GSM8K chat records too (`eval_data/gsm8k_chat.jsonl`)"
+    )
     parser.add_argument("--eval-dir", default="eval_data")
     parser.add_argument("--output", default="docs/results")
     args = parser.parse_args()
@@ -141,6 +156,8 @@ def main() -> None:
         config.repair_kind = args.kind
     if args.repair_data is not None:
         config.repair_data = args.repair_data
+    if args.data is not None or args.validation_data is not None:  # checked like any face's data settings
+        config = config.replace(data=args.data, validation_data=args.validation_data)
     eval_dir = Path(args.eval_dir)
     tests = {
         "Persuasion": build_calibration_set(
@@ -150,6 +167,9 @@ def main() -> None:
             tokenizer, str(eval_dir / "shakespeare_as_you_like_it.txt"), args.eval_samples, args.seq_len
         ),
     }
+    if args.gsm8k:  # the same windows as every other benchmark's GSM8K test
+        extra = held_out_tests(tokenizer, eval_dir, args.eval_samples, args.seq_len, extra=True)
+        tests["GSM8K"] = extra["GSM8K (chat)"]
     unpruned = {k: perplexity(model, v) for k, v in tests.items()}
     print("unpruned", unpruned, flush=True)
     data = repair_samples(tokenizer, config)
@@ -304,6 +324,8 @@ def write(args, rows, heal_rows, unpruned, tests) -> None:
     out.mkdir(parents=True, exist_ok=True)
     also = args.also_weighting or args.also_kind
     name = f"repair_{args.model}_m{args.remove}" + (f"_{also}" if also else "")
+    if args.data:
+        name += "_data_" + "+".join(Path(s).stem for s in args.data.split(",") if s)
     if args.repair_data:
         name += "_fit_" + "+".join(Path(s).stem for s in args.repair_data.split(",") if s)
     if args.heal_short_lr:

