@@ -295,7 +295,7 @@ def test_prune_refuses_an_unfoldable_repair_before_writing(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_by_default_the_unrepaired_pick_is_the_one_repaired(tiny_model_dir):
+def test_by_default_repair_selects_among_the_repaired_candidates(tiny_model_dir):
     from hf_blockcbo.models import load_model, resolve_model
     from hf_blockcbo.pipeline import choose_blocks
 
@@ -305,13 +305,13 @@ def test_by_default_the_unrepaired_pick_is_the_one_repaired(tiny_model_dir):
         num_remove=2, num_samples=4, measured_samples=4, seq_len=24, top_k=3, validation_samples=4, repair_samples=4
     )
     plain, artifact = choose_blocks(model, tokenizer, config, source, progress=False)
-    repaired, _ = choose_blocks(model, tokenizer, config.replace(repair=True), source, artifact, progress=False)
-    assert repaired.blocks == plain.blocks and repaired.spectrum == plain.spectrum
-    assert "after its repair" not in repaired.how
-    aware, _ = choose_blocks(
-        model, tokenizer, config.replace(repair=True, repair_aware=True), source, artifact, progress=False
-    )
+    aware, _ = choose_blocks(model, tokenizer, config.replace(repair=True), source, artifact, progress=False)
     assert "after its repair" in aware.how and aware.spectrum != plain.spectrum  # scored repaired
+    unaware, _ = choose_blocks(
+        model, tokenizer, config.replace(repair=True, repair_aware=False), source, artifact, progress=False
+    )
+    assert unaware.blocks == plain.blocks and unaware.spectrum == plain.spectrum
+    assert "after its repair" not in unaware.how
 
 
 def test_repair_aware_selection_scores_candidates_after_repair(tiny_model_dir):
@@ -681,7 +681,7 @@ def test_the_repair_check_reuses_the_selections_validation_perplexity(tiny_model
     base = ["prune", "--model", str(tiny_model_dir), "--remove", "2", "--repair", "--repair-samples", "4"]
     base += ["--seq-len", "24", "--num-samples", "4", "--top-k", "3", "--validation-samples", "4", "--no-progress"]
     records = {}
-    for name, extra in (("plain", []), ("aware", ["--repair-aware"])):
+    for name, extra in (("plain", ["--no-repair-aware"]), ("aware", [])):
         assert main([*base, *extra, "--output", str(tmp_path / name)]) == 0
         record = json.loads((tmp_path / name / "block_removal.json").read_text())
         records[name] = record, (record["repair"] or record["repair_rejected"])["validation"]
