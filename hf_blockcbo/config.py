@@ -195,8 +195,8 @@ class BlockRemovalConfig:
         metadata={
             "help": "With repair: score each of the top-K by validation after its own repair (fits K repairs: "
             "4-5 more minutes on a 2-core CPU for SmolLM2 or Gemma-3-270M). Off: repair the unrepaired pick. On "
-            "by default: on Gemma-3-270M calibrated on maths it picked 13-22 % better on three test domains, and "
-            "elsewhere the same blocks or a tie (docs/results.md §3)."
+            "by default: side by side in four settings it picked the same blocks in two, 5-22 % better on three "
+            "test domains in one (Gemma-3-270M on maths) and 5.7 % worse on one of three in one (docs/results.md §3)."
         },
     )
     repair_samples: int = field(default=64, metadata={"help": "repair: calibration samples the maps are fitted on."})
