@@ -173,8 +173,9 @@ def plot_fits(path: Path, rows: list[dict], labels: list[str], plt) -> None:
         ax.set_xticks(range(len(states)), states)
         ax.set_title(label)
     axes[0].set_ylabel("share of the perplexity rise removed (%)")
-    axes[0].legend(title="repair fitted on", fontsize=7)
-    fig.tight_layout()
+    handles, names = axes[0].get_legend_handles_labels()  # below the panels, clear of the bars
+    fig.legend(handles, names, title="repair fitted on", fontsize=7, loc="lower center", ncol=len(fits))
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
 
