@@ -67,6 +67,10 @@ def main() -> None:
         "rows": list(callback.artifact.A.shape),
     }
     (Path(a.out) / f"rank{args.process_index}.json").write_text(json.dumps(report))
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # join gloo's threads before exit (a rank aborted there once)
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
